@@ -1,0 +1,399 @@
+"""Capture: run a real forward pass and record every op it executes as graph nodes.
+
+Module forward hooks see module calls (leaf modules become one node each, others are traced into and give node
+names their scope); a ``TorchFunctionMode`` sees every torch function and ``Tensor`` method in between. Because the
+real forward runs, Python control flow, asserts and shape-dependent code just work; sizes read from tensors are
+:class:`~graph.symbolic.TracedInt` so replay recomputes them, and branches on them become guards.
+"""
+from __future__ import annotations
+
+import builtins
+import copy
+import inspect
+import os
+import sys
+from collections import Counter
+from typing import Any, Iterator
+
+import torch
+import torch.nn as nn
+from torch.autograd.function import BackwardCFunction
+from torch.overrides import TorchFunctionMode
+
+from . import oplib, symbolic
+from .errors import CaptureError
+from .ir import Node, Ref, Struct, Sym
+from .leaves import leaf_type
+from .modules import ConstantNode, ParameterNode, make_functional
+from .oplib import OpKind
+from .symbolic import TracedFloat, TracedInt, TracedSize, TrainingFlag
+
+_TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
+_OWN_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+_SCALARS = (bool, int, float, complex)
+_PLAIN_CONSTANTS = (type(None), bool, int, float, complex, str, bytes, torch.dtype, torch.layout,
+                    torch.memory_format, type(Ellipsis))
+
+
+def source_line(skip: int = 2) -> str | None:
+    """``file:line in function`` of the innermost caller outside torch and this package."""
+    frame = sys._getframe(skip)
+    while frame is not None:
+        filename = frame.f_code.co_filename
+        if not (filename.startswith(_TORCH_DIR) or filename.startswith(_OWN_DIR)) and "<frozen" not in filename:
+            return f"{_short_path(filename)}:{frame.f_lineno} in {frame.f_code.co_name}"
+        frame = frame.f_back
+    return None
+
+
+def _short_path(filename: str) -> str:
+    for root in sorted((p for p in sys.path if p), key=len, reverse=True):
+        if filename.startswith(root + os.sep):
+            return os.path.relpath(filename, root)
+    return filename
+
+
+def iter_tensors(value: Any, path: tuple = ()) -> Iterator[tuple[tuple, torch.Tensor]]:
+    """``(path, tensor)`` for every tensor in a nested output (tuples, lists, dicts, ``ModelOutput``)."""
+    if isinstance(value, torch.Tensor):
+        yield path, value
+    elif isinstance(value, (tuple, list)):
+        for i, item in enumerate(value):
+            yield from iter_tensors(item, path + (i,))
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            yield from iter_tensors(item, path + (key,))
+
+
+def describe(value: Any) -> Any:
+    """Shapes of a nested output: a tuple per tensor, lists/dicts mirroring containers, ``None`` otherwise."""
+    if isinstance(value, torch.Tensor):
+        return tuple(value.shape)
+    if isinstance(value, (tuple, list)):
+        return [describe(v) for v in value]
+    if isinstance(value, dict):
+        return {k: describe(v) for k, v in value.items()}
+    return None
+
+
+def plain(value: Any) -> Any:
+    """The value with traced ints/floats/sizes/training flags replaced by plain Python values."""
+    if isinstance(value, TracedInt):
+        return value.value
+    if isinstance(value, TracedFloat):
+        return value.value
+    if isinstance(value, TrainingFlag):
+        return value.value
+    if isinstance(value, (list, tuple)) and not isinstance(value, torch.Size):
+        if not any(isinstance(v, (TracedInt, TracedFloat, TrainingFlag, list, tuple, dict, slice)) for v in value):
+            return value
+        items = [plain(v) for v in value]
+        if hasattr(value, "_fields"):
+            return type(value)(*items)
+        return items if isinstance(value, list) else tuple(items)
+    if isinstance(value, dict):
+        return {k: plain(v) for k, v in value.items()}
+    if isinstance(value, slice):
+        return slice(plain(value.start), plain(value.stop), plain(value.step))
+    return value
+
+
+def _contains_tensor(value: Any) -> bool:
+    return next(iter_tensors(value), None) is not None
+
+
+class Tracer(TorchFunctionMode):
+    """Records one forward pass of ``root`` into :class:`~graph.ir.Node` records and their modules."""
+
+    def __init__(self, root: nn.Module):
+        super().__init__()
+        self.root = root
+        self.nodes: list[Node] = []
+        self.node_modules: list[nn.Module | None] = []
+        self.guards: dict[tuple, str | None] = {}
+        self.signature = inspect.signature(root.forward)
+        self.input_constants: dict[str, Any] = {}
+        self.output_template: Any = None
+        self.training = root.training
+        self._device: torch.device | None = None
+        self._producer: dict[int, Ref] = {}
+        self._alive: list[Any] = []
+        self._tensor_names: dict[int, str] = {}
+        self._module_names: dict[int, str] = {}
+        self._scope: list[str] = []
+        self._pending_leaf: list[tuple] = []
+        self._leaf_depth = 0
+        self._paused = 0
+        self._names: Counter = Counter()
+        self._handles: list = []
+        self._saved_training: list[tuple[nn.Module, bool]] = []
+        self._saved_range = None
+        self._started = self._finished = False
+        for name, tensor in [*root.named_parameters(remove_duplicate=False), *root.named_buffers(remove_duplicate=False)]:
+            self._tensor_names.setdefault(id(tensor), name)
+        for name, module in root.named_modules(remove_duplicate=False):
+            self._module_names.setdefault(id(module), name)
+
+    # ----------------------------------------------------------------- lifecycle
+    def start(self) -> "Tracer":
+        """Install hooks, training flags and the function mode; the next forward of ``root`` is recorded."""
+        if symbolic._recorder is not None:
+            raise CaptureError("another capture is already running; end it first (insertCaptureBoundaryEnd)")
+        seen: set[int] = set()
+        for module in self.root.modules():
+            if id(module) in seen:
+                continue
+            seen.add(id(module))
+            self._handles.append(module.register_forward_pre_hook(self._pre_hook, with_kwargs=True))
+            self._handles.append(module.register_forward_hook(self._post_hook, with_kwargs=True))
+        for module in self._traced_into_modules():
+            self._saved_training.append((module, module.training))
+            module.__dict__["training"] = TrainingFlag(module.training)
+        self._saved_range = builtins.range
+        builtins.range = symbolic.guarded_range
+        symbolic.set_recorder(self)
+        self.__enter__()
+        self._started = True
+        return self
+
+    def stop(self) -> None:
+        """Remove everything :meth:`start` installed; safe to call twice and after a failed forward."""
+        if not self._started:
+            return
+        self._started = False
+        self.__exit__(None, None, None)
+        symbolic.set_recorder(None)
+        builtins.range = self._saved_range
+        for module, training in self._saved_training:
+            module.__dict__["training"] = training
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self._alive.clear()
+
+    def _traced_into_modules(self) -> Iterator[nn.Module]:
+        stack, seen = [self.root], set()
+        while stack:
+            module = stack.pop()
+            if id(module) in seen or leaf_type(module) is not None:
+                continue
+            seen.add(id(module))
+            yield module
+            stack.extend(module.children())
+
+    # ---------------------------------------------------------------- guards
+    def add_guard(self, expr: Any, value: Any) -> None:
+        """Remember that replay must find ``expr == value`` (called by traced ints on control flow)."""
+        if self._leaf_depth == 0 and (expr, value) not in self.guards:
+            self.guards[(expr, value)] = source_line(3)
+
+    # ----------------------------------------------------------------- module hooks
+    def _pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        self._paused += 1
+        try:
+            self._enter_module(module, args, kwargs)
+        finally:
+            self._paused -= 1
+
+    def _post_hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        self._paused += 1
+        try:
+            self._exit_module(module, output)
+        finally:
+            self._paused -= 1
+
+    def _enter_module(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if self._leaf_depth:
+            self._leaf_depth += 1
+            return
+        if module is self.root:
+            if self._finished:
+                raise CaptureError("the captured module was called twice between the capture boundaries")
+            self._record_inputs(args, kwargs)
+        if leaf_type(module) is not None:
+            self._pending_leaf.append((module, self.template(args), self.template(kwargs), source_line(3),
+                                       torch.is_grad_enabled()))
+            self._leaf_depth = 1
+        else:
+            self._scope.append(self._module_names.get(id(module), type(module).__name__))
+
+    def _exit_module(self, module: nn.Module, output: Any) -> None:
+        if self._leaf_depth > 1:
+            self._leaf_depth -= 1
+            return
+        if self._leaf_depth == 1:
+            self._leaf_depth = 0
+            leaf, arg_template, kwarg_template, source, grad = self._pending_leaf.pop()
+            name = self._module_names.get(id(leaf), type(leaf).__name__) or type(leaf).__name__
+            self._add_node(name, leaf_type(leaf).__name__, leaf, arg_template, kwarg_template, source, output, grad)
+        else:
+            self._scope.pop()
+        if module is self.root:
+            self.output_template = self.template(output)
+            self._finished = True
+
+    # ----------------------------------------------------------------- function mode
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if self._leaf_depth or self._paused or not self._scope:
+            return func(*args, **kwargs)
+        name = oplib.name_of(func)
+        kind = oplib.kind_of(name)
+        if kind is OpKind.SIZE:
+            return self._traced_size(name, args, kwargs)
+        if kind is OpKind.METADATA:
+            return func(*plain(args), **plain(kwargs))
+        if kind is OpKind.DATA_TO_PYTHON:
+            raise self._data_to_python_error(name)
+        involves_tensors = _contains_tensor((args, kwargs))
+        if name is None or not oplib.is_replayable(name):
+            if involves_tensors:
+                raise CaptureError(
+                    f"unsupported op {getattr(func, '__qualname__', func)!r} called at {source_line()}: it is not "
+                    "on the allow-list of replayable torch functions, so the graph could not reproduce it")
+            out = func(*plain(args), **plain(kwargs))
+            if _contains_tensor(out):
+                raise CaptureError(f"unsupported op {func!r} called at {source_line()} created a tensor")
+            return out
+        arg_template, kwarg_template = self.template(args), self.template(kwargs)
+        out = func(*plain(args), **plain(kwargs))
+        if name == "Tensor.__setitem__":
+            self._add_functional(name, arg_template, kwarg_template, args[0])
+            return out
+        if _contains_tensor(out):
+            self._add_functional(name, arg_template, kwarg_template, out)
+        elif isinstance(out, _SCALARS) and involves_tensors:
+            raise self._data_to_python_error(name)
+        return out
+
+    def _data_to_python_error(self, name: str) -> CaptureError:
+        return CaptureError(
+            f"{name} at {source_line(3)} turns tensor data into a Python value, so the captured graph would depend "
+            "on this particular input (data-dependent control flow). Use tensor ops instead (torch.where, masks), "
+            "or capture the part of the network that does not need it.")
+
+    def _traced_size(self, name: str, args: tuple, kwargs: dict) -> Any:
+        tensor = args[0]
+        ref = self._ref(tensor)
+        sizes = TracedSize(TracedInt(size, ("size", ref, dim)) for dim, size in enumerate(tensor.shape))
+        if name == "Tensor.size":
+            dim = args[1] if len(args) > 1 else kwargs.get("dim")
+            return sizes if dim is None else sizes[plain(dim)]
+        if name == "Tensor.shape":
+            return sizes
+        if name == "Tensor.__len__":
+            if not sizes:
+                raise TypeError("len() of a 0-d tensor")
+            return sizes[0]
+        return sizes.numel()
+
+    # ----------------------------------------------------------------- templates
+    def template(self, value: Any) -> Any:
+        """The argument template of ``value``: tensors become :class:`Ref`, traced numbers :class:`Sym`."""
+        if isinstance(value, torch.Tensor):
+            return self._ref(value)
+        if isinstance(value, (TracedInt, TracedFloat, TrainingFlag)):
+            return Sym(value.expr)
+        if isinstance(value, _PLAIN_CONSTANTS):
+            return value
+        if isinstance(value, torch.device):
+            return Sym(("device",)) if value == self._device else value
+        if isinstance(value, tuple) and hasattr(value, "_fields"):
+            return Struct(type(value), {f: self.template(getattr(value, f)) for f in value._fields})
+        if isinstance(value, (tuple, list)):
+            items = [self.template(v) for v in value]
+            return items if isinstance(value, list) else tuple(items)
+        if isinstance(value, dict):
+            fields = {k: self.template(v) for k, v in value.items()}
+            return fields if type(value) is dict else Struct(type(value), fields)
+        if isinstance(value, slice):
+            return slice(self.template(value.start), self.template(value.stop), self.template(value.step))
+        return value
+
+    def _ref(self, tensor: torch.Tensor) -> Ref:
+        ref = self._producer.get(id(tensor))
+        if ref is not None:
+            return ref
+        if isinstance(tensor.grad_fn, BackwardCFunction):
+            raise CaptureError(
+                f"a tensor used at {source_line(4)} was produced by the custom autograd Function "
+                f"{type(tensor.grad_fn).__name__}; its backward cannot be replayed from recorded ops. Make the "
+                "module that applies it a leaf, or capture without it.")
+        name = self._tensor_names.get(id(tensor))
+        if name is not None:
+            index = self._add_node(name, "param", ParameterNode(tensor), (), {}, source_line(4), tensor, True)
+        elif tensor.grad_fn is not None:
+            raise CaptureError(
+                f"a tensor used at {source_line(4)} was computed outside the captured forward (it has a "
+                f"{type(tensor.grad_fn).__name__} history but no recorded producer), so replay could not recompute it")
+        else:
+            scope = self._scope[-1] if self._scope else ""
+            index = self._add_node(f"{scope}.constant" if scope else "constant", "constant",
+                                   ConstantNode(tensor.detach().clone()), (), {}, source_line(4), tensor, True)
+        return Ref(index)
+
+    # ----------------------------------------------------------------- nodes
+    def _record_inputs(self, args: tuple, kwargs: dict) -> None:
+        bound = self.signature.bind(*args, **kwargs).arguments
+        for param_name, value in bound.items():
+            self._record_input(param_name, (param_name,), value)
+
+    def _record_input(self, name: str, path: tuple, value: Any) -> None:
+        if isinstance(value, torch.Tensor):
+            if self._device is None:
+                self._device = value.device
+            index = self._add_node(name, "input", None, (), {}, None, value, True)
+            self.nodes[index].meta["path"] = path
+        elif isinstance(value, (tuple, list)) and any(isinstance(v, torch.Tensor) for v in value):
+            for i, item in enumerate(value):
+                self._record_input(f"{name}_{i}", path + (i,), item)
+        elif isinstance(value, dict) and any(isinstance(v, torch.Tensor) for v in value.values()):
+            for key, item in value.items():
+                self._record_input(f"{name}_{key}", path + (key,), item)
+        else:
+            self.input_constants[path] = value
+
+    def _add_functional(self, target: str, args: Any, kwargs: Any, output: Any) -> int:
+        scope = self._scope[-1] if self._scope else ""
+        short = oplib.short_name(target)
+        name = f"{scope}.{short}" if scope else short
+        return self._add_node(name, target, make_functional(target), args, kwargs, source_line(4), output,
+                              torch.is_grad_enabled())
+
+    def _add_node(self, name: str, op: str, module: nn.Module | None, args: Any, kwargs: Any, source: str | None,
+                  output: Any, grad_enabled: bool) -> int:
+        index = len(self.nodes)
+        self._names[name] += 1
+        if self._names[name] > 1:
+            name = f"{name}_{self._names[name] - 1}"
+        meta = {"out": describe(output)}
+        if isinstance(output, torch.Tensor):
+            meta["dtype"] = str(output.dtype).replace("torch.", "")
+        if not grad_enabled:
+            meta["no_grad"] = True
+        self.nodes.append(Node(name=name, op=op, args=args, kwargs=kwargs, source=source, meta=meta))
+        self.node_modules.append(module)
+        for path, tensor in iter_tensors(output):
+            self._producer[id(tensor)] = Ref(index, path)
+            self._alive.append(tensor)
+        return index
+
+
+def capture(model: nn.Module, *example_inputs: Any, **example_kwargs: Any):
+    """Run ``model`` on the example inputs and return the :class:`~graph.network.ReconstructedNetwork` it executed.
+
+    The model is deep-copied first, so it is never modified (not even BatchNorm statistics in train mode). The
+    network replays in the mode it was captured in; capture in ``train()`` mode to fine-tune with dropout.
+    """
+    from .network import ReconstructedNetwork
+
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"capture expects an nn.Module, got {type(model).__name__}")
+    working = copy.deepcopy(model)
+    tracer = Tracer(working).start()
+    try:
+        with torch.random.fork_rng(devices=[]):
+            working(*example_inputs, **example_kwargs)
+    finally:
+        tracer.stop()
+    return ReconstructedNetwork.from_tracer(tracer, copy_modules=False)
