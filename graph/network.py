@@ -37,11 +37,8 @@ class _Run:
             value = value[key]
         return value
 
-    def size_of(self, ref: Ref, dim: int) -> int:
-        return self.resolve(ref).shape[dim]
-
     def evaluate(self, expr: Any) -> Any:
-        return symbolic.evaluate(expr, self.size_of, self.context)
+        return symbolic.evaluate(expr, self.resolve, self.context)
 
 
 def compile_template(template: Any) -> Callable[[_Run], Any]:
@@ -75,6 +72,8 @@ def compile_template(template: Any) -> Callable[[_Run], Any]:
 
 def describe_expr(expr: Any, names: list[str]) -> str:
     """A readable form of a guard expression, naming the nodes whose sizes it reads."""
+    if isinstance(expr, Ref):
+        return names[expr.index]
     if isinstance(expr, tuple) and expr:
         if expr[0] == "size":
             return f"{names[expr[1].index]}.shape[{expr[2]}]"
@@ -136,6 +135,24 @@ class ReconstructedNetwork(nn.Module):
         from .serialization import save_vnmodel
 
         return save_vnmodel(self, _path_arg(pkl, file), model_base_size_hw=model_base_size_hw, model_id=model_id)
+
+    def channel_groups(self) -> list:
+        """The groups of coupled channels (see :class:`graph.dependency.ChannelGroup`), built once and cached."""
+        from .pruning import dependency_graph
+
+        return dependency_graph(self).groups
+
+    def prune_channels(self, plan) -> "ReconstructedNetwork":
+        """A physically smaller copy with the planned channels removed (``{group: indices}``)."""
+        from .pruning import prune_channels
+
+        return prune_channels(self, plan)
+
+    def mask_channels(self, plan) -> "ReconstructedNetwork":
+        """A same-size copy in which the planned channels contribute nothing."""
+        from .pruning import mask_channels
+
+        return mask_channels(self, plan)
 
     def export_onnx(self, path: str, *example_inputs: Any, **kwargs: Any) -> str:
         """Export to ONNX; without example inputs, inputs of the captured shapes are made up."""
@@ -277,8 +294,8 @@ class ReconstructedNetwork(nn.Module):
         for path, captured in self.input_constants.items():
             given = _lookup(bound, path)
             if given is not _MISSING and not _same_constant(given, captured):
-                raise ReplayError(f"input {'.'.join(map(str, path))} was {captured!r} when captured; the graph "
-                                  f"was recorded for that value and cannot replay with {given!r}")
+                raise ReplayError(f"input {'.'.join(map(str, path))} was {_brief(captured)} when captured; the "
+                                  f"graph was recorded for that value and cannot replay with {_brief(given)}")
         for i, node in enumerate(self.graph_nodes):
             if node.op != "input":
                 continue
@@ -328,7 +345,7 @@ def _path_arg(first: str | None, second: str | None) -> str:
 def _unique_key(name: str, taken: set[str]) -> str:
     base = name.replace(".", "_") or "node"
     key, n = base, 1
-    while key in taken:
+    while key in taken or hasattr(nn.ModuleDict, key):
         key, n = f"{base}_{n}", n + 1
     taken.add(key)
     return key
@@ -342,6 +359,12 @@ def _lookup(bound: dict, path: tuple) -> Any:
         except (KeyError, IndexError, TypeError):
             return _MISSING
     return value
+
+
+def _brief(value: Any) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"a tensor of shape {tuple(value.shape)}"
+    return repr(value)
 
 
 def _same_constant(a: Any, b: Any) -> bool:

@@ -1,0 +1,155 @@
+"""What a channel rule sees of one node, and what it may declare."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch.nn as nn
+
+from ..ir import Node, Ref, Sym
+from .labels import ElementRecord, Factor, Labeling
+
+
+@dataclass
+class Member:
+    """A tensor dim that follows channel elements: ``module_of(node).<tensor>`` sliced along ``dim``.
+
+    ``role`` is ``"out"`` (the op produces the channel), ``"in"`` (it consumes it: masking zeroes these) or
+    ``"param"`` (a per-channel scale, shift or statistic).
+    """
+
+    node: int
+    tensor: str
+    dim: int
+    ids: np.ndarray
+    role: str
+
+
+@dataclass
+class SizeArg:
+    """A constant in a node's arguments that equals a channel count: rewritten to the kept count of ``ids``."""
+
+    node: int
+    path: tuple
+    ids: np.ndarray
+
+
+class RuleContext:
+    """The view a rule gets of one node: its arguments, shapes and input labels, plus ways to declare coupling."""
+
+    def __init__(self, analysis, index: int, node: Node, module: nn.Module | None):
+        self._analysis = analysis
+        self.index, self.node, self.module = index, node, module
+        self.record: ElementRecord = analysis.record
+
+    # ---------------------------------------------------------------- reading
+    def arg(self, position: int, name: str | None = None, default: Any = None) -> Any:
+        """Argument template by position, else by keyword ``name``, else ``default``."""
+        if position is not None and len(self.node.args) > position:
+            return self.node.args[position]
+        return self.node.kwargs.get(name, default) if name else default
+
+    def tensor_args(self) -> list[Ref]:
+        """Every tensor argument (top-level and inside lists/tuples), in order."""
+        refs: list[Ref] = []
+        for value in [*self.node.args, *self.node.kwargs.values()]:
+            items = value if isinstance(value, (list, tuple)) else [value]
+            refs.extend(v for v in items if isinstance(v, Ref))
+        return refs
+
+    def labels(self, ref: Any) -> Labeling | None:
+        """The labeling of a tensor argument, or ``None`` when it carries no channel elements."""
+        return self._analysis.values.get((ref.index, ref.path)) if isinstance(ref, Ref) else None
+
+    def shape(self, ref: Any) -> tuple[int, ...] | None:
+        """Captured shape of a tensor argument."""
+        return self._analysis.shape_of(ref) if isinstance(ref, Ref) else None
+
+    @property
+    def out_shape(self) -> Any:
+        return self.node.meta.get("out")
+
+    @staticmethod
+    def is_constant(value: Any) -> bool:
+        """True for plain numbers (not recomputed at replay)."""
+        return not isinstance(value, (Ref, Sym))
+
+    # ---------------------------------------------------------------- declaring
+    def set_output(self, labeling: Labeling | None, path: tuple = ()) -> None:
+        """Give the node's output (or the part at ``path``) a labeling."""
+        if labeling is not None and labeling.factors:
+            self._analysis.values[(self.index, path)] = labeling
+
+    def new(self, shape: tuple[int, ...]) -> np.ndarray:
+        """Fresh element ids."""
+        return self.record.new(shape)
+
+    def member(self, tensor: str, dim: int, ids: np.ndarray | None, role: str) -> None:
+        """Declare that this node's ``tensor`` (attribute path of its module) is sliced along ``dim`` by ``ids``."""
+        if ids is not None:
+            self._analysis.members.append(Member(self.index, tensor, dim, np.asarray(ids), role))
+
+    def size_arg(self, path: tuple, ids: np.ndarray | None) -> None:
+        """Declare that the constant at ``path`` (``("args", i, ...)`` or ``("kwargs", name, ...)``) counts ``ids``."""
+        if ids is not None:
+            self._analysis.size_args.append(SizeArg(self.index, path, np.asarray(ids)))
+
+    def rewrite(self, function) -> None:
+        """Register ``function(node, removed)`` to rewrite this node's arguments after pruning.
+
+        ``removed(ids)`` returns a boolean mask of which of ``ids`` are being removed.
+        """
+        self._analysis.rewrites.append((self.index, function))
+
+    def block(self, labeling: Labeling | Factor | np.ndarray | None, reason: str) -> None:
+        """Never remove these elements."""
+        ids = _ids(labeling)
+        if ids is not None and ids.size:
+            self.record.block(ids, f"{reason} at {self.node.describe()}")
+
+    def inexact(self, labeling: Labeling | Factor | np.ndarray | None, reason: str) -> None:
+        """Removing these elements changes remaining values (so pruning equals masking only approximately)."""
+        ids = _ids(labeling)
+        if ids is not None and ids.size:
+            self.record.mark_inexact(ids, f"{reason} at {self.node.describe()}")
+
+    def collapse(self, labeling: Labeling | None, dim: int) -> Labeling | None:
+        """Couple all positions along ``dim`` so it is never sliced; ``None`` when no labelled dim is left."""
+        if labeling is None:
+            return None
+        factor = labeling.factor_at(dim)
+        if factor is None:
+            return labeling
+        axis = factor.dims.index(dim % labeling.rank)
+        moved = np.moveaxis(factor.ids, axis, 0)
+        self.record.union(moved[:1], moved)
+        dims = tuple(d for d in factor.dims if d != dim % labeling.rank)
+        if not dims:
+            self.record.block(moved[0], f"all channels of a dim are coupled at {self.node.describe()}")
+            return labeling.replace(factor, None)
+        return labeling.replace(factor, Factor(dims, moved[0]))
+
+    def along(self, ref_or_labeling: Any, dim: int) -> np.ndarray | None:
+        """One id per position along ``dim`` (the other dims of its factor are collapsed), or ``None``."""
+        labeling = ref_or_labeling if isinstance(ref_or_labeling, Labeling) else self.labels(ref_or_labeling)
+        if labeling is None:
+            return None
+        factor = labeling.factor_at(dim)
+        if factor is None:
+            return None
+        for other in factor.dims:
+            if other != dim % labeling.rank:
+                labeling = self.collapse(labeling, other)
+        factor = labeling.factor_at(dim) if labeling is not None else None
+        return factor.ids if factor is not None else None
+
+
+def _ids(value: Any) -> np.ndarray | None:
+    if value is None:
+        return None
+    if isinstance(value, Labeling):
+        return value.all_ids()
+    if isinstance(value, Factor):
+        return value.ids.ravel()
+    return np.asarray(value).ravel()

@@ -1,0 +1,140 @@
+"""Channel rules for ops that keep positions where they are: element-wise maps, broadcasting, normalisations."""
+from __future__ import annotations
+
+import numpy as np
+
+from .context import RuleContext
+from .labels import Factor, Labeling
+from .registry import channel_rule
+
+_F = "torch.nn.functional."
+_UNARY_NAMES = (
+    "relu", "relu_", "relu6", "sigmoid", "sigmoid_", "tanh", "tanh_", "gelu", "silu", "hardswish", "hardsigmoid",
+    "leaky_relu", "elu", "selu", "celu", "mish", "softplus", "hardtanh", "dropout", "dropout1d", "dropout2d",
+    "dropout3d", "alpha_dropout", "clone", "contiguous", "detach", "to", "float", "half", "bfloat16", "double",
+    "type_as", "neg", "abs", "exp", "log", "sqrt", "rsqrt", "reciprocal", "sin", "cos", "clamp", "clamp_",
+    "clamp_min", "clamp_max", "sign", "floor", "ceil", "round", "erf", "square", "nan_to_num", "logical_not",
+    "__neg__", "__pos__", "__abs__", "__invert__", "cpu", "cuda", "requires_grad_", "data", "detach_", "zero_",
+    "fill_", "hardswish_", "exp_", "sqrt_", "neg_", "logsigmoid", "log_sigmoid", "softsign", "tanhshrink",
+    "threshold", "relu6_", "hardtanh_", "leaky_relu_", "elu_", "silu_", "mish_", "gelu_", "erfc", "expm1", "log1p",
+    "sigmoid", "pow_", "masked_fill_", "bool", "int", "long", "sin_", "cos_",
+)
+_UNARY_LEAVES = ("ReLU", "ReLU6", "LeakyReLU", "ELU", "SELU", "CELU", "GELU", "SiLU", "Mish", "Hardswish",
+                 "Hardsigmoid", "Hardtanh", "Sigmoid", "Tanh", "Softplus", "Softsign", "Tanhshrink", "Threshold",
+                 "LogSigmoid", "Dropout", "Dropout1d", "Dropout2d", "Dropout3d", "AlphaDropout", "Identity")
+_BINARY_NAMES = (
+    "add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_", "true_divide", "floor_divide", "where", "maximum",
+    "minimum", "masked_fill", "pow", "lerp", "addcmul", "addcdiv", "eq", "ne", "lt", "le", "gt", "ge",
+    "logical_and", "logical_or", "bitwise_and", "bitwise_or", "fmod", "remainder", "rsub", "copy_", "mul_",
+    "__add__", "__radd__", "__iadd__", "__sub__", "__rsub__", "__isub__", "__mul__", "__rmul__", "__imul__",
+    "__truediv__", "__rtruediv__", "__itruediv__", "__floordiv__", "__rfloordiv__", "__mod__", "__pow__",
+    "__rpow__", "__ipow__", "__and__", "__or__", "__xor__", "__rand__", "__ror__", "__iand__", "__ior__",
+    "__eq__", "__ne__", "__lt__", "__le__", "__gt__", "__ge__", "expand_as", "glu_", "clamp_min_",
+)
+
+
+def _names(short: tuple[str, ...]) -> list[str]:
+    return [f"{prefix}{name}" for name in short for prefix in ("torch.", "Tensor.", _F)]
+
+
+@channel_rule(*_names(_UNARY_NAMES), *_UNARY_LEAVES)
+def unary_rule(ctx: RuleContext) -> None:
+    """Element-wise maps: the output carries the first tensor argument's channels."""
+    refs = ctx.tensor_args()
+    ctx.set_output(ctx.labels(refs[0]) if refs else None)
+
+
+@channel_rule(*_names(_BINARY_NAMES))
+def broadcast_rule(ctx: RuleContext) -> None:
+    """Broadcasting ops: channels meeting at the same output position are coupled.
+
+    A labelled dim that meets a full-size unlabelled dim (a tensor that cannot be sliced) is collapsed.
+    """
+    out_shape = ctx.out_shape
+    rank = len(out_shape)
+    operands = []
+    for ref in ctx.tensor_args():
+        shape = ctx.shape(ref)
+        offset = rank - len(shape)
+        labeling = ctx.labels(ref)
+        if labeling is not None:
+            labeling = labeling.remap({d: d + offset for d in range(len(shape))}, rank)
+        operands.append(((1,) * offset + tuple(shape), labeling))
+    for dim in range(rank):
+        if out_shape[dim] <= 1:
+            continue
+        fixed = any(shape[dim] == out_shape[dim] and (lab is None or lab.factor_at(dim) is None)
+                    for shape, lab in operands)
+        if fixed:
+            operands = [(shape, ctx.collapse(lab, dim)) for shape, lab in operands]
+    merged: dict[tuple[int, ...], np.ndarray] = {}
+    for _, labeling in operands:
+        for factor in labeling.factors if labeling else ():
+            overlapping = [dims for dims in merged if set(dims) & set(factor.dims)]
+            if factor.dims in merged:
+                ctx.record.union(merged[factor.dims], factor.ids)
+            elif overlapping:
+                ctx.block(factor, "operands split a channel dim differently")
+                for dims in overlapping:
+                    ctx.block(merged.pop(dims), "operands split a channel dim differently")
+            else:
+                merged[factor.dims] = factor.ids
+    ctx.set_output(Labeling(rank, tuple(Factor(d, i) for d, i in merged.items())) if merged else None)
+
+
+def _dim_argument(ctx: RuleContext, position: int, attribute: str | None = None) -> int | None:
+    if attribute is not None and ctx.module is not None:
+        return getattr(ctx.module, attribute)
+    return ctx.arg(position, "dim")
+
+
+@channel_rule("Softmax", "LogSoftmax", *_names(("softmax", "log_softmax")))
+def softmax_rule(ctx: RuleContext) -> None:
+    """Channels pass through; those along the normalised dim affect each other (inexact)."""
+    x = ctx.tensor_args()[0]
+    labeling = ctx.labels(x)
+    dim = _dim_argument(ctx, 1, "dim" if ctx.module is not None and hasattr(ctx.module, "dim") else None)
+    if labeling is not None and dim is not None:
+        ctx.inexact(labeling.factor_at(dim), "softmax over channels")
+    ctx.set_output(labeling)
+
+
+@channel_rule(*_names(("batch_norm",)))
+def functional_batch_norm_rule(ctx: RuleContext) -> None:
+    """``F.batch_norm(x, mean, var, weight, bias)`` with parameters as nodes: all follow dim 1."""
+    x = ctx.arg(0, "input")
+    ids = ctx.along(x, 1)
+    for position, name in ((1, "running_mean"), (2, "running_var"), (3, "weight"), (4, "bias")):
+        _match(ctx, ctx.arg(position, name), 0, ids)
+    ctx.set_output(ctx.labels(x))
+
+
+@channel_rule(*_names(("layer_norm", "rms_norm")))
+def functional_layer_norm_rule(ctx: RuleContext) -> None:
+    """``F.layer_norm(x, shape, weight, bias)``: normalised dims follow the parameters; shape is rewritten."""
+    x, normalized = ctx.arg(0, "input"), ctx.arg(1, "normalized_shape")
+    rank = len(ctx.shape(x))
+    count = len(normalized)
+    for offset in range(count):
+        dim = rank - count + offset
+        ids = ctx.along(x, dim)
+        for position, name in ((2, "weight"), (3, "bias")):
+            _match(ctx, ctx.arg(position, name), offset, ids)
+        if ctx.is_constant(normalized[offset]):
+            ctx.size_arg(("args", 1, offset) if len(ctx.node.args) > 1 else ("kwargs", "normalized_shape", offset),
+                         ids)
+        ctx.inexact(ids, "normalised over channels")
+    ctx.set_output(ctx.labels(x))
+
+
+def _match(ctx: RuleContext, ref, dim: int, ids) -> None:
+    """Couple a parameter node's ``dim`` with ``ids``; if ``ids`` is ``None`` the parameter's dim is fixed."""
+    other = ctx.along(ref, dim) if ref is not None else None
+    if other is None:
+        if ids is not None and ref is not None and ctx.shape(ref) and ctx.shape(ref)[dim] > 1:
+            ctx.block(ids, "meets a tensor that cannot be sliced")
+        return
+    if ids is None:
+        ctx.block(other, "meets a dim that cannot be pruned")
+    else:
+        ctx.record.union(ids, other)

@@ -1,0 +1,235 @@
+"""Structured channel pruning of a ``ReconstructedNetwork``: hard (physically smaller) and soft (masked).
+
+A *plan* maps channel groups (or their ids) to the group-channel indices to remove. Both operations return a new
+network and leave the input untouched.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import weakref
+from collections import defaultdict
+from typing import Any, Iterable, Mapping
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from .dependency import ChannelGroup, DependencyGraph
+from .errors import PruningError
+from .importance import Importance, group_importance
+from .layer_sync import snapshot, sync_attributes
+
+Plan = Mapping[Any, Iterable[int]]
+_CACHE: "weakref.WeakKeyDictionary[nn.Module, DependencyGraph]" = weakref.WeakKeyDictionary()
+
+
+def dependency_graph(rnet) -> DependencyGraph:
+    """The network's dependency graph, built once per network and cached."""
+    graph = _CACHE.get(rnet)
+    if graph is None:
+        graph = _CACHE[rnet] = DependencyGraph(rnet)
+    return graph
+
+
+def _removed_components(graph: DependencyGraph, plan: Plan) -> np.ndarray:
+    by_id = {g.id: g for g in graph.groups}
+    removed = []
+    for key, indices in plan.items():
+        group = by_id.get(key.id if isinstance(key, ChannelGroup) else key)
+        if group is None or (isinstance(key, ChannelGroup) and group is not key):
+            raise PruningError(f"{key!r} is not a channel group of this network (take groups from its channel_groups())")
+        indices = np.unique(np.asarray(list(indices), dtype=np.int64))
+        if indices.size == 0:
+            continue
+        if indices.min() < 0 or indices.max() >= group.size:
+            raise PruningError(f"group {group.id} has {group.size} channels; indices {indices.tolist()} are out of range")
+        if not group.prunable:
+            raise PruningError(f"group {group.id} cannot be pruned: {group.reason}")
+        if indices.size >= group.size:
+            raise PruningError(f"removing all {group.size} channels of group {group.id} would leave "
+                               f"{group.nodes[0]} with zero channels")
+        removed.append(group.components[indices])
+    return np.concatenate(removed) if removed else np.zeros(0, dtype=np.int64)
+
+
+def _owner_and_attribute(module: nn.Module, path: str) -> tuple[nn.Module, str]:
+    parts = path.split(".")
+    for part in parts[:-1]:
+        module = getattr(module, part)
+    return module, parts[-1]
+
+
+def _set_in_template(template: Any, path: tuple, value: Any) -> Any:
+    if not path:
+        return value
+    head, rest = path[0], path[1:]
+    if isinstance(template, dict):
+        return {**template, head: _set_in_template(template[head], rest, value)}
+    items = list(template)
+    items[head] = _set_in_template(items[head], rest, value)
+    return items if isinstance(template, list) else tuple(items)
+
+
+def prune_channels(rnet, plan: Plan):
+    """A physically smaller copy of ``rnet`` with the planned channels removed from every coupled tensor.
+
+    Weights and buffers are sliced, size attributes (``out_channels``, ``num_features``, ``groups`` …) updated,
+    constant sizes in view/reshape/layer_norm/split/slicing rewritten. Raises :class:`PruningError` for unknown
+    groups, out-of-range indices, unprunable groups, or a plan that would leave any tensor dim empty.
+    """
+    graph = dependency_graph(rnet)
+    removed_components = _removed_components(graph, plan)
+    component = graph.component
+
+    def removed(ids: np.ndarray) -> np.ndarray:
+        return np.isin(component[np.asarray(ids)], removed_components)
+
+    pruned = copy.deepcopy(rnet)
+    owners: dict[int, list[tuple[nn.Module, str]]] = defaultdict(list)
+    current: dict[int, torch.Tensor] = {}
+    done: set[tuple[int, int]] = set()
+    old_sizes: dict[str, dict] = {}
+    for member in graph.members:
+        keep = ~removed(member.ids)
+        if keep.all():
+            continue
+        node = pruned.graph_nodes[member.node]
+        if not keep.any():
+            raise PruningError(f"the plan removes every channel of {node.describe()} ({member.tensor}, dim "
+                               f"{member.dim})")
+        module = pruned.nodes[node.key]
+        old_sizes.setdefault(node.key, snapshot(module))
+        owner, attribute = _owner_and_attribute(module, member.tensor)
+        tensor = getattr(owner, attribute)
+        original = id(tensor)
+        owners[original].append((owner, attribute))
+        if (original, member.dim) in done:
+            continue
+        done.add((original, member.dim))
+        base = current.get(original, tensor)
+        index = torch.as_tensor(np.flatnonzero(keep), device=base.device)
+        current[original] = torch.index_select(base.detach(), member.dim, index)
+        if isinstance(tensor, nn.Parameter):
+            current[original] = nn.Parameter(current[original], requires_grad=tensor.requires_grad)
+        current[original]._pruned_from = original
+    for original, tensor in current.items():
+        for owner, attribute in owners[original]:
+            if isinstance(tensor, nn.Parameter) or attribute in owner._parameters:
+                owner._parameters[attribute] = tensor
+            else:
+                owner._buffers[attribute] = tensor
+    for key, old in old_sizes.items():
+        sync_attributes(pruned.nodes[key], old)
+    for size_arg in graph.size_args:
+        rows = size_arg.ids.reshape(size_arg.ids.shape[0], -1)
+        count = int((~removed(rows.ravel()).reshape(rows.shape)).any(axis=1).sum())
+        node = pruned.graph_nodes[size_arg.node]
+        part, rest = size_arg.path[0], size_arg.path[1:]
+        if part == "args":
+            node.args = _set_in_template(node.args, rest, count)
+        else:
+            node.kwargs = _set_in_template(node.kwargs, rest, count)
+    from .modules import make_functional
+
+    for index, rewrite in graph.rewrites:
+        node = pruned.graph_nodes[index]
+        op = node.op
+        rewrite(node, removed)
+        if node.op != op:
+            pruned.nodes[node.key] = make_functional(node.op)
+    _update_shapes(pruned, graph, removed)
+    for tensor in current.values():
+        del tensor._pruned_from
+    pruned.recompile()
+    return pruned
+
+
+def _update_shapes(pruned, graph: DependencyGraph, removed) -> None:
+    for (index, path), labeling in graph.values.items():
+        node = pruned.graph_nodes[index]
+        shape = node.meta.get("out")
+        for key in path:
+            shape = shape[key]
+        new_shape = list(shape)
+        for factor in labeling.factors:
+            gone = removed(factor.ids.ravel()).reshape(factor.ids.shape)
+            for axis, dim in enumerate(factor.dims):
+                rows = np.moveaxis(gone, axis, 0).reshape(gone.shape[axis], -1)
+                new_shape[dim] = int((~rows.all(axis=1)).sum())
+        if path:
+            container = node.meta["out"]
+            for key in path[:-1]:
+                container = container[key]
+            container[path[-1]] = tuple(new_shape)
+        else:
+            node.meta["out"] = tuple(new_shape)
+
+
+def mask_channels(rnet, plan: Plan):
+    """A same-size copy of ``rnet`` in which the planned channels contribute nothing (consumer weights zeroed)."""
+    graph = dependency_graph(rnet)
+    removed_components = _removed_components(graph, plan)
+    masked = copy.deepcopy(rnet)
+    with torch.no_grad():
+        for member in graph.members:
+            if member.role != "in":
+                continue
+            gone = np.flatnonzero(np.isin(graph.component[member.ids], removed_components))
+            if gone.size:
+                node = masked.graph_nodes[member.node]
+                owner, attribute = _owner_and_attribute(masked.nodes[node.key], member.tensor)
+                tensor = getattr(owner, attribute)
+                tensor.index_fill_(member.dim, torch.as_tensor(gone, device=tensor.device), 0)
+    return masked
+
+
+def _keep_count(size: int, ratio: float, round_to: int | None) -> int:
+    keep = size - int(math.floor(size * ratio))
+    if round_to:
+        keep = max(round_to, int(round(keep / round_to)) * round_to) if size > round_to else size
+    return max(1, min(size, keep))
+
+
+def plan_by_ratio(rnet, channel_ratio: float, importance: Importance = "l2", round_to: int | None = None,
+                  global_ranking: bool = False, ignore: Iterable[str] = ()) -> dict[ChannelGroup, list[int]]:
+    """Choose the least important channels of every prunable group (or globally) to remove ``channel_ratio``."""
+    if not 0 <= channel_ratio < 1:
+        raise ValueError(f"channel_ratio must be in [0, 1), got {channel_ratio}")
+    ignore = set(ignore)
+    groups = [g for g in dependency_graph(rnet).groups if g.prunable and not ignore & set(g.nodes)]
+    scores = {g: group_importance(rnet, g, importance) for g in groups}
+    keep = {g: _keep_count(g.size, channel_ratio, round_to) for g in groups}
+    if global_ranking and groups:
+        pooled = np.concatenate([scores[g] / (scores[g].mean() or 1) for g in groups])
+        threshold = np.quantile(pooled, channel_ratio)
+        for g in groups:
+            survivors = int((scores[g] / (scores[g].mean() or 1) > threshold).sum())
+            keep[g] = _keep_count(g.size, 1 - max(survivors, 1) / g.size, round_to)
+    return {g: np.argsort(scores[g], kind="stable")[:g.size - keep[g]].tolist() for g in groups
+            if keep[g] < g.size}
+
+
+def prune(rnet, channel_ratio: float = 0.5, importance: Importance = "l2", round_to: int | None = None,
+          global_ranking: bool = False, ignore: Iterable[str] = (), flops_target: float | None = None):
+    """One call: remove ``channel_ratio`` of every prunable group's channels (least important first).
+
+    With ``flops_target`` (a fraction such as 0.5) the ratio is found by bisection so that the pruned network's
+    multiply-adds are at most that fraction of the original's.
+    """
+    if flops_target is None:
+        return prune_channels(rnet, plan_by_ratio(rnet, channel_ratio, importance, round_to, global_ranking, ignore))
+    if not 0 < flops_target <= 1:
+        raise ValueError(f"flops_target must be in (0, 1], got {flops_target}")
+    budget = rnet.flops().total_macs * flops_target
+    low, high, best = 0.0, 0.95, None
+    for _ in range(12):
+        ratio = (low + high) / 2
+        candidate = prune_channels(rnet, plan_by_ratio(rnet, ratio, importance, round_to, global_ranking, ignore))
+        if candidate.flops().total_macs <= budget:
+            best, high = candidate, ratio
+        else:
+            low = ratio
+    if best is None:
+        raise PruningError(f"no channel ratio up to {high:.2f} brings the MACs down to {flops_target:.0%}")
+    return best
