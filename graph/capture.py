@@ -22,9 +22,9 @@ from torch.overrides import TorchFunctionMode
 
 from . import oplib, symbolic
 from .errors import CaptureError
-from .ir import Node, Ref, Struct, Sym
+from .ir import Node, Ref, Struct, Sym, iter_refs
 from .leaves import leaf_type
-from .modules import ConstantNode, ParameterNode, make_functional
+from .modules import ConstantNode, FunctionalOp, ParameterNode, make_functional
 from .oplib import OpKind
 from .symbolic import TracedFloat, TracedInt, TracedSize, TrainingFlag
 
@@ -33,11 +33,20 @@ _OWN_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
 _SCALARS = (bool, int, float, complex)
 _PLAIN_CONSTANTS = (type(None), bool, int, float, complex, str, bytes, torch.dtype, torch.layout,
                     torch.memory_format, type(Ellipsis))
+# What an output may hold besides containers; any other object (a key/value cache, say) would replay frozen.
+_REPLAYABLE_LEAVES = (torch.Tensor, torch.device, TrainingFlag, *_PLAIN_CONSTANTS)
+# Reads of a one-element tensor's value that capture can replay when the tensor depends only on sizes and constants.
+_VALUE_READS = {"Tensor.item": None, "Tensor.__bool__": bool, "Tensor.__int__": int, "Tensor.__index__": int,
+                "Tensor.__float__": float}
 
 
-def source_line(skip: int = 2) -> str | None:
-    """``file:line in function`` of the innermost caller outside torch and this package."""
-    frame = sys._getframe(skip)
+def source_line() -> str | None:
+    """``file:line in function`` of the innermost caller outside torch and this package.
+
+    The walk starts at the direct caller rather than a fixed depth: Tensor methods implemented in C reach the
+    function mode with no Python frame of torch's in between, so a fixed depth would skip the user's line.
+    """
+    frame = sys._getframe(1)
     while frame is not None:
         filename = frame.f_code.co_filename
         if not (filename.startswith(_TORCH_DIR) or filename.startswith(_OWN_DIR)) and "<frozen" not in filename:
@@ -53,16 +62,21 @@ def _short_path(filename: str) -> str:
     return filename
 
 
-def iter_tensors(value: Any, path: tuple = ()) -> Iterator[tuple[tuple, torch.Tensor]]:
-    """``(path, tensor)`` for every tensor in a nested output (tuples, lists, dicts, ``ModelOutput``)."""
-    if isinstance(value, torch.Tensor):
-        yield path, value
-    elif isinstance(value, (tuple, list)):
+def iter_leaves(value: Any, path: tuple = ()) -> Iterator[tuple[tuple, Any]]:
+    """``(path, value)`` for every non-container value in a nested output (tuples, lists, dicts, ``ModelOutput``)."""
+    if isinstance(value, (tuple, list)):
         for i, item in enumerate(value):
-            yield from iter_tensors(item, path + (i,))
+            yield from iter_leaves(item, path + (i,))
     elif isinstance(value, dict):
         for key, item in value.items():
-            yield from iter_tensors(item, path + (key,))
+            yield from iter_leaves(item, path + (key,))
+    else:
+        yield path, value
+
+
+def iter_tensors(value: Any, path: tuple = ()) -> Iterator[tuple[tuple, torch.Tensor]]:
+    """``(path, tensor)`` for every tensor in a nested output (tuples, lists, dicts, ``ModelOutput``)."""
+    return ((p, leaf) for p, leaf in iter_leaves(value, path) if isinstance(leaf, torch.Tensor))
 
 
 def describe(value: Any) -> Any:
@@ -117,7 +131,9 @@ class Tracer(TorchFunctionMode):
         self.training = root.training
         self._device: torch.device | None = None
         self._producer: dict[int, Ref] = {}
+        self._shape_only: set[int] = set()
         self._alive: list[Any] = []
+        self._custom_backward: dict[int, Any] = {}  # id(output) -> its grad_fn, for ops whose own backward is custom
         self._tensor_names: dict[int, str] = {}
         self._module_names: dict[int, str] = {}
         self._scope: list[str] = []
@@ -128,6 +144,7 @@ class Tracer(TorchFunctionMode):
         self._handles: list = []
         self._saved_training: list[tuple[nn.Module, bool]] = []
         self._saved_range = None
+        self._saved_exporting = False
         self._started = self._finished = False
         for name, tensor in [*root.named_parameters(remove_duplicate=False), *root.named_buffers(remove_duplicate=False)]:
             self._tensor_names.setdefault(id(tensor), name)
@@ -151,6 +168,11 @@ class Tracer(TorchFunctionMode):
             module.__dict__["training"] = TrainingFlag(module.training)
         self._saved_range = builtins.range
         builtins.range = symbolic.guarded_range
+        # Capture, like torch.export, must record a graph valid for every input: libraries that ask
+        # torch.compiler.is_exporting() then skip data-dependent shortcuts (transformers materialises attention
+        # masks instead of checking whether this particular mask has padding).
+        self._saved_exporting = torch.compiler._is_exporting_flag
+        torch.compiler._is_exporting_flag = True
         symbolic.set_recorder(self)
         self.__enter__()
         self._started = True
@@ -164,12 +186,14 @@ class Tracer(TorchFunctionMode):
         self.__exit__(None, None, None)
         symbolic.set_recorder(None)
         builtins.range = self._saved_range
+        torch.compiler._is_exporting_flag = self._saved_exporting
         for module, training in self._saved_training:
             module.__dict__["training"] = training
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
         self._alive.clear()
+        self._custom_backward.clear()
 
     def _traced_into_modules(self) -> Iterator[nn.Module]:
         stack, seen = [self.root], set()
@@ -185,7 +209,7 @@ class Tracer(TorchFunctionMode):
     def add_guard(self, expr: Any, value: Any) -> None:
         """Remember that replay must find ``expr == value`` (called by traced ints on control flow)."""
         if self._leaf_depth == 0 and (expr, value) not in self.guards:
-            self.guards[(expr, value)] = source_line(3)
+            self.guards[(expr, value)] = source_line()
 
     # ----------------------------------------------------------------- module hooks
     def _pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -211,7 +235,7 @@ class Tracer(TorchFunctionMode):
                 raise CaptureError("the captured module was called twice between the capture boundaries")
             self._record_inputs(args, kwargs)
         if leaf_type(module) is not None:
-            self._pending_leaf.append((module, self.template(args), self.template(kwargs), source_line(3),
+            self._pending_leaf.append((module, self.template(args), self.template(kwargs), source_line(),
                                        torch.is_grad_enabled()))
             self._leaf_depth = 1
         else:
@@ -229,6 +253,15 @@ class Tracer(TorchFunctionMode):
         else:
             self._scope.pop()
         if module is self.root:
+            opaque = next(((p, leaf) for p, leaf in iter_leaves(output) if not isinstance(leaf, _REPLAYABLE_LEAVES)),
+                          None)
+            if opaque is not None:
+                path, obj = opaque
+                raise CaptureError(
+                    f"the forward returns a {type(obj).__name__} object at output{''.join(f'[{k!r}]' for k in path)}, "
+                    "which replay cannot rebuild (only tensors, plain constants and tuples, lists, dicts or "
+                    "ModelOutputs of them); make the forward return tensors instead (for a transformers model "
+                    "that returns its key/value cache: pass use_cache=False)")
             self.output_template = self.template(output)
             self._finished = True
 
@@ -237,6 +270,11 @@ class Tracer(TorchFunctionMode):
         kwargs = kwargs or {}
         if self._leaf_depth or self._paused or not self._scope:
             return func(*args, **kwargs)
+        if torch._C._functorch.maybe_current_level() is not None:
+            raise CaptureError(
+                f"{getattr(func, '__qualname__', func)!r} runs inside a torch.func transform (vmap, grad, jacrev, ...) "
+                f"at {source_line()}; ops on the transform's batched or wrapped tensors cannot be recorded as graph "
+                "nodes. Write that part with ordinary broadcasting ops, or make the module that uses it a leaf.")
         name = oplib.name_of(func)
         kind = oplib.kind_of(name)
         if kind is OpKind.SIZE:
@@ -244,7 +282,7 @@ class Tracer(TorchFunctionMode):
         if kind is OpKind.METADATA:
             return func(*plain(args), **plain(kwargs))
         if kind is OpKind.DATA_TO_PYTHON:
-            raise self._data_to_python_error(name)
+            return self.read_value(name, args)
         involves_tensors = _contains_tensor((args, kwargs))
         if name is None or not oplib.is_replayable(name):
             if involves_tensors:
@@ -266,9 +304,30 @@ class Tracer(TorchFunctionMode):
             raise self._data_to_python_error(name)
         return out
 
+    def read_value(self, name: str, args: tuple) -> Any:
+        """A Python value read from a tensor (``bool(t)``, ``t.item()``, ``int(t)``) during capture.
+
+        Allowed only when the tensor was computed from sizes and constants alone (``torch.arange(n)``, masks built
+        from it), never from input data or parameters: replay recomputes it, so ``t.item()`` returns a traced number
+        whose expression reads the replayed value, and a conversion records a guard that replay re-checks.
+        """
+        tensor = args[0] if args else None
+        if name not in _VALUE_READS or not isinstance(tensor, torch.Tensor):
+            raise self._data_to_python_error(name)
+        ref = self._ref(tensor)
+        if ref.index not in self._shape_only:
+            raise self._data_to_python_error(name)
+        value = tensor.item()
+        expr = ("item", ref)
+        if name == "Tensor.item" and type(value) in (int, float):
+            return symbolic.traced(value, expr)
+        self.add_guard(expr, value)
+        convert = _VALUE_READS[name]
+        return value if convert is None else convert(value)
+
     def _data_to_python_error(self, name: str) -> CaptureError:
         return CaptureError(
-            f"{name} at {source_line(3)} turns tensor data into a Python value, so the captured graph would depend "
+            f"{name} at {source_line()} turns tensor data into a Python value, so the captured graph would depend "
             "on this particular input (data-dependent control flow). Use tensor ops instead (torch.where, masks), "
             "or capture the part of the network that does not need it.")
 
@@ -312,31 +371,41 @@ class Tracer(TorchFunctionMode):
 
     def _ref(self, tensor: torch.Tensor) -> Ref:
         ref = self._producer.get(id(tensor))
-        if ref is not None:
+        # A custom autograd Function's forward is traced like any code, but its output then gets the Function's
+        # backward, which the recorded ops would not reproduce.
+        applied_custom = (isinstance(tensor.grad_fn, BackwardCFunction)
+                          and self._custom_backward.get(id(tensor)) is not tensor.grad_fn)
+        if ref is not None and not applied_custom:
             return ref
-        if isinstance(tensor.grad_fn, BackwardCFunction):
+        if applied_custom:
             raise CaptureError(
-                f"a tensor used at {source_line(4)} was produced by the custom autograd Function "
+                f"a tensor used at {source_line()} was produced by the custom autograd Function "
                 f"{type(tensor.grad_fn).__name__}; its backward cannot be replayed from recorded ops. Make the "
                 "module that applies it a leaf, or capture without it.")
         name = self._tensor_names.get(id(tensor))
         if name is not None:
-            index = self._add_node(name, "param", ParameterNode(tensor), (), {}, source_line(4), tensor, True)
+            index = self._add_node(name, "param", ParameterNode(tensor), (), {}, source_line(), tensor, True)
         elif tensor.grad_fn is not None:
             raise CaptureError(
-                f"a tensor used at {source_line(4)} was computed outside the captured forward (it has a "
+                f"a tensor used at {source_line()} was computed outside the captured forward (it has a "
                 f"{type(tensor.grad_fn).__name__} history but no recorded producer), so replay could not recompute it")
         else:
             scope = self._scope[-1] if self._scope else ""
             index = self._add_node(f"{scope}.constant" if scope else "constant", "constant",
-                                   ConstantNode(tensor.detach().clone()), (), {}, source_line(4), tensor, True)
+                                   ConstantNode(tensor.detach().clone()), (), {}, source_line(), tensor, True)
         return Ref(index)
 
     # ----------------------------------------------------------------- nodes
     def _record_inputs(self, args: tuple, kwargs: dict) -> None:
-        bound = self.signature.bind(*args, **kwargs).arguments
-        for param_name, value in bound.items():
+        bound = self.signature.bind(*args, **kwargs)
+        for param_name, value in bound.arguments.items():
             self._record_input(param_name, (param_name,), value)
+        # Arguments left at their defaults are constants too: replay must refuse a value the graph never saw.
+        passed = set(bound.arguments)
+        bound.apply_defaults()
+        for param_name, value in bound.arguments.items():
+            if param_name not in passed:
+                self.input_constants[(param_name,)] = value
 
     def _record_input(self, name: str, path: tuple, value: Any) -> None:
         if isinstance(value, torch.Tensor):
@@ -357,7 +426,7 @@ class Tracer(TorchFunctionMode):
         scope = self._scope[-1] if self._scope else ""
         short = oplib.short_name(target)
         name = f"{scope}.{short}" if scope else short
-        return self._add_node(name, target, make_functional(target), args, kwargs, source_line(4), output,
+        return self._add_node(name, target, make_functional(target), args, kwargs, source_line(), output,
                               torch.is_grad_enabled())
 
     def _add_node(self, name: str, op: str, module: nn.Module | None, args: Any, kwargs: Any, source: str | None,
@@ -373,17 +442,31 @@ class Tracer(TorchFunctionMode):
             meta["no_grad"] = True
         self.nodes.append(Node(name=name, op=op, args=args, kwargs=kwargs, source=source, meta=meta))
         self.node_modules.append(module)
+        if op == "constant" or (isinstance(module, FunctionalOp) and all(
+                ref.index in self._shape_only for ref in iter_refs((args, kwargs), through_sym=False))):
+            self._shape_only.add(index)
         for path, tensor in iter_tensors(output):
             self._producer[id(tensor)] = Ref(index, path)
             self._alive.append(tensor)
+            if isinstance(tensor.grad_fn, BackwardCFunction):
+                self._custom_backward[id(tensor)] = tensor.grad_fn
         return index
 
 
 def capture(model: nn.Module, *example_inputs: Any, **example_kwargs: Any):
     """Run ``model`` on the example inputs and return the :class:`~graph.network.ReconstructedNetwork` it executed.
 
-    The model is deep-copied first, so it is never modified (not even BatchNorm statistics in train mode). The
+    The model is deep-copied first, so it is never modified (not even BatchNorm statistics in train mode), and the
+    network starts from the model's state: buffers the example forward updated are reset to the model's. The
     network replays in the mode it was captured in; capture in ``train()`` mode to fine-tune with dropout.
+
+    Inputs may be positional or keyword, tensors of any dtype (token ids, masks) or constants; arguments left at
+    their defaults are constants too, so replay refuses a value the capture never saw. The output comes back in the
+    same structure (tuples, lists, dicts, named tuples, ``ModelOutput``s); any other object in it raises
+    :class:`~graph.errors.CaptureError` — for a transformers model with a key/value cache, pass ``use_cache=False``.
+    During capture ``torch.compiler.is_exporting()`` is true, so libraries build shape-generic graphs (transformers
+    always materialises its attention mask), and Python values read from tensors computed from sizes alone
+    (``torch.arange(n)``) replay from the actual input; reading input data into Python raises.
     """
     from .network import ReconstructedNetwork
 
@@ -396,4 +479,7 @@ def capture(model: nn.Module, *example_inputs: Any, **example_kwargs: Any):
             working(*example_inputs, **example_kwargs)
     finally:
         tracer.stop()
+    with torch.no_grad():
+        for original, used in zip(model.buffers(), working.buffers()):
+            used.copy_(original)
     return ReconstructedNetwork.from_tracer(tracer, copy_modules=False)

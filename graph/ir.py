@@ -83,22 +83,23 @@ def map_template(template: Any, leaf: Callable[[Any], Any]) -> Any:
     return leaf(template)
 
 
-def iter_refs(template: Any) -> Iterator[Ref]:
-    """Every ``Ref`` in a template, including those inside symbolic expressions."""
+def iter_refs(template: Any, through_sym: bool = True) -> Iterator[Ref]:
+    """Every ``Ref`` in a template; those inside symbolic expressions too unless ``through_sym`` is false."""
     if isinstance(template, Ref):
         yield template
     elif isinstance(template, Sym):
-        yield from iter_refs(template.expr)
+        if through_sym:
+            yield from iter_refs(template.expr)
     elif isinstance(template, (tuple, list)):
         for item in template:
-            yield from iter_refs(item)
+            yield from iter_refs(item, through_sym)
     elif isinstance(template, dict):
         for item in template.values():
-            yield from iter_refs(item)
+            yield from iter_refs(item, through_sym)
     elif isinstance(template, slice):
-        yield from iter_refs((template.start, template.stop, template.step))
+        yield from iter_refs((template.start, template.stop, template.step), through_sym)
     elif isinstance(template, Struct):
-        yield from iter_refs(template.fields)
+        yield from iter_refs(template.fields, through_sym)
 
 
 def is_dynamic(template: Any) -> bool:

@@ -7,8 +7,10 @@ so replay recomputes sizes from the actual input instead of freezing them. Pytho
 input of another shape would have taken another branch.
 
 Expressions are nested tuples (so they serialise as JSON):
-``("size", ref, dim)`` — size of a node output, ``("training",)`` — the network's training flag,
-``("device",)`` — the device of the replayed input, ``(op, a, b)`` / ``(op, a)`` — arithmetic, plain ints are constants.
+``("size", ref, dim)`` — size of a node output, ``("item", ref)`` — the value of a one-element node output that
+was computed only from sizes and constants (see ``Tracer.read_value`` in :mod:`graph.capture`),
+``("training",)`` — the network's training flag, ``("device",)`` — the device of the replayed input,
+``(op, a, b)`` / ``(op, a)`` — arithmetic, plain ints are constants.
 """
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ _UNARY: dict[str, Callable[[Any], Any]] = {
 }
 
 _recorder = None  # the active tracer, set by graph.capture while a capture runs
+_builtin_range = range  # capture replaces builtins.range with guarded_range, which must still reach this one
 
 
 def set_recorder(recorder) -> None:
@@ -46,20 +49,22 @@ def _guard(expr: Any, value: Any) -> None:
         _recorder.add_guard(expr, value)
 
 
-def evaluate(expr: Any, size_of: Callable[[Any, int], int], context: dict) -> Any:
-    """Evaluate an expression; ``size_of(ref, dim)`` reads replayed tensor sizes, ``context`` holds training/device."""
+def evaluate(expr: Any, tensor_of: Callable[[Any], Any], context: dict) -> Any:
+    """Evaluate an expression; ``tensor_of(ref)`` gives a replayed tensor, ``context`` holds training/device."""
     if not isinstance(expr, tuple):
         return expr
     head = expr[0]
     if head == "size":
-        return size_of(expr[1], expr[2])
+        return tensor_of(expr[1]).shape[expr[2]]
+    if head == "item":
+        return tensor_of(expr[1]).item()
     if head in ("training", "device"):
         return context[head]
     if head == "tuple":
-        return tuple(evaluate(e, size_of, context) for e in expr[1:])
+        return tuple(evaluate(e, tensor_of, context) for e in expr[1:])
     if len(expr) == 3:
-        return _BINARY[head](evaluate(expr[1], size_of, context), evaluate(expr[2], size_of, context))
-    return _UNARY[head](evaluate(expr[1], size_of, context))
+        return _BINARY[head](evaluate(expr[1], tensor_of, context), evaluate(expr[2], tensor_of, context))
+    return _UNARY[head](evaluate(expr[1], tensor_of, context))
 
 
 def is_symbolic(expr: Any) -> bool:
@@ -67,7 +72,8 @@ def is_symbolic(expr: Any) -> bool:
     return isinstance(expr, tuple)
 
 
-def _make(value: Any, expr: Any) -> Any:
+def traced(value: Any, expr: Any) -> Any:
+    """``value`` as a :class:`TracedInt` / :class:`TracedFloat` carrying ``expr``; other values unchanged."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return value
     if isinstance(value, int):
@@ -83,7 +89,7 @@ def _binary(name: str, reflected: bool = False):
             return NotImplemented
         a, b = (other, self) if reflected else (self, other)
         value = fn(a.value if isinstance(a, _Traced) else a, b.value if isinstance(b, _Traced) else b)
-        return _make(value, (name, expr_of(a), expr_of(b)))
+        return traced(value, (name, expr_of(a), expr_of(b)))
 
     return method
 
@@ -105,7 +111,7 @@ def _unary(name: str):
     fn = _UNARY[name]
 
     def method(self):
-        return _make(fn(self.value), (name, self.expr))
+        return traced(fn(self.value), (name, self.expr))
 
     return method
 
@@ -138,10 +144,10 @@ class _Traced:
     __index__ = _guarded("int", int)
 
     def __ceil__(self):
-        return _make(math.ceil(self.value), ("ceil", self.expr))
+        return traced(math.ceil(self.value), ("ceil", self.expr))
 
     def __floor__(self):
-        return _make(math.floor(self.value), ("floor", self.expr))
+        return traced(math.floor(self.value), ("floor", self.expr))
 
     def __round__(self, ndigits=None):
         result = round(self.value, ndigits)
@@ -232,4 +238,4 @@ class TrainingFlag:
 
 def guarded_range(*args):
     """``range`` while a capture runs: a loop bound computed from a traced size records a guard."""
-    return range(*(int(a) if isinstance(a, TracedInt) else a for a in args))
+    return _builtin_range(*(int(a) if isinstance(a, TracedInt) else a for a in args))

@@ -1,0 +1,46 @@
+"""Saving and loading ``ReconstructedNetwork``s as ``.pkl``, ``.json`` and ``.vnmodel`` (see ``docs/vnmodel.md``).
+
+``load`` picks the format from the file's first bytes, never from its name, and never executes code from the file.
+"""
+from __future__ import annotations
+
+import os
+from typing import Callable
+
+from ..errors import FileFormatError
+from ..network import ReconstructedNetwork
+from . import json_format, pkl, vnmodel
+from .json_format import save_json
+from .pkl import save_pkl
+from .vnmodel import read_vnmodel_header, save_vnmodel
+
+_READERS: tuple[tuple[Callable[[bytes], bool], Callable[[str], ReconstructedNetwork]], ...] = (
+    (vnmodel.matches, vnmodel.load_vnmodel),
+    (pkl.matches, pkl.load_pkl),
+    (json_format.matches, json_format.load_json),
+)
+_HEAD_SIZE = 64
+
+
+def load(path: str | os.PathLike) -> ReconstructedNetwork:
+    """Load a network saved by ``save_pkl``, ``save_json`` or ``save_vnmodel``, on the CPU.
+
+    Raises :class:`~graph.errors.FileFormatError` (message starting with the path) when the file is not one of
+    these formats, is truncated or corrupted, or names an op outside the allow-lists.
+    """
+    path = os.fspath(path)
+    with open(path, "rb") as stream:
+        head = stream.read(_HEAD_SIZE)
+    for matches, read in _READERS:
+        if matches(head):
+            try:
+                return read(path)
+            except FileFormatError as error:
+                raise FileFormatError(f"{path}: {error}") from None
+    if not head:
+        raise FileFormatError(f"{path}: the file is empty")
+    raise FileFormatError(f"{path}: unrecognised file format (starts with {head[:8]!r}; expected a .vnmodel, "
+                          "torch.save or JSON file)")
+
+
+__all__ = ["load", "save_pkl", "save_json", "save_vnmodel", "read_vnmodel_header"]

@@ -1,0 +1,285 @@
+"""A ``ReconstructedNetwork`` as a plain, JSON-able graph spec plus a table of named tensors, and back.
+
+The spec layout is documented in ``docs/vnmodel.md``; the file formats (``pkl``, ``json``, ``vnmodel``) only differ
+in how they store these two parts. Rebuilding never runs code named by the spec: ops resolve through the allow-lists
+of :mod:`graph.leaves` and :mod:`graph.oplib`, and every problem is a :class:`~graph.errors.FileFormatError`.
+"""
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from .. import oplib
+from ..errors import FileFormatError
+from ..ir import Node, Sym, iter_refs
+from ..leaves import LEAF_BY_NAME
+from ..network import ReconstructedNetwork
+from .leaf_configs import shape_mismatches
+from .module_specs import build_module, module_spec
+from .templates import TemplateDecoder, TemplateEncoder, encode_or_placeholder
+
+FORMAT_NAME = "reconstructed-network"
+FORMAT_VERSION = 1
+_TENSOR_NODE_OPS = ("input", "param", "constant")
+_PARAMETER_KINDS = {kind.name: kind for kind in (
+    inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.VAR_POSITIONAL,
+    inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.VAR_KEYWORD)}
+
+
+# ------------------------------------------------------------------------------------------------------------ saving
+def network_to_spec(network: ReconstructedNetwork) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """``(spec, tensors)``: the JSON-able graph spec and the CPU tensors it names (tied tensors stored once).
+
+    Raises ``TypeError`` naming the node when a template holds a value no format can store, and ``ValueError``
+    when a module's constructor arguments disagree with its tensors (for example after inconsistent pruning).
+    """
+    template_tensors: dict[str, torch.Tensor] = {}
+    encoder = TemplateEncoder(template_tensors)
+    spec: dict[str, Any] = {
+        "format": FORMAT_NAME,
+        "version": FORMAT_VERSION,
+        "signature": [_encode_parameter(p, encoder) for p in network.signature.parameters.values()],
+        "captured_training": bool(network.captured_training),
+        "training": bool(network.training),
+        "input_constants": [[encoder.encode(tuple(path)), encode_or_placeholder(value, encoder)]
+                            for path, value in network.input_constants.items()],
+        "guards": [[_encode_in(f"guard at {source}", expr, encoder), encoder.encode(value), source]
+                   for (expr, value), source in network.guards.items()],
+        "output_template": _encode_in("the output template", network.output_template, encoder),
+        "nodes": [_encode_node(node, encoder) for node in network.graph_nodes],
+    }
+    owners = {node.key: node for node in network.graph_nodes if node.key is not None}
+    spec["modules"] = {key: _encode_module(key, module, owners, encoder) for key, module in network.nodes.items()}
+    roles, tensors = _tensor_table(network)
+    roles.update({name: {"role": "template", "requires_grad": False} for name in template_tensors})
+    tensors.update({name: tensor.to("cpu") for name, tensor in template_tensors.items()})
+    spec["tensors"] = roles
+    return spec, tensors
+
+
+def _encode_in(where: str, value: Any, encoder: TemplateEncoder) -> Any:
+    try:
+        return encoder.encode(value)
+    except TypeError as error:
+        raise TypeError(f"cannot save {where}: {error}") from None
+
+
+def _encode_parameter(parameter: inspect.Parameter, encoder: TemplateEncoder) -> dict[str, Any]:
+    entry: dict[str, Any] = {"name": parameter.name, "kind": parameter.kind.name}
+    if parameter.default is not inspect.Parameter.empty:
+        entry["default"] = encode_or_placeholder(parameter.default, encoder)
+    return entry
+
+
+def _encode_node(node: Node, encoder: TemplateEncoder) -> dict[str, Any]:
+    where = f"node {node.describe()}"
+    return {"name": node.name, "op": node.op, "key": node.key,
+            "args": _encode_in(f"the arguments of {where}", tuple(node.args), encoder),
+            "kwargs": _encode_in(f"the arguments of {where}", dict(node.kwargs), encoder),
+            "source": node.source, "meta": _encode_in(f"the meta of {where}", dict(node.meta), encoder)}
+
+
+def _encode_module(key: str, module: nn.Module, owners: dict[str, Node], encoder: TemplateEncoder) -> Any:
+    where = f"node {owners[key].describe()}" if key in owners else f"module {key!r}"
+    try:
+        spec = module_spec(module)
+    except TypeError as error:
+        raise TypeError(f"cannot save {where}: {error}") from None
+    tensors = dict(module.named_parameters(remove_duplicate=False))
+    tensors.update(module.named_buffers(remove_duplicate=False))
+    problems = shape_mismatches(build_module(spec), tensors)
+    if problems:
+        raise ValueError(f"cannot save {where}: its constructor arguments {spec.get('config')} disagree with its "
+                         f"tensors ({'; '.join(problems)})")
+    return _encode_in(where, spec, encoder)
+
+
+def _tensor_table(network: nn.Module) -> tuple[dict[str, dict], dict[str, torch.Tensor]]:
+    roles: dict[str, dict] = {}
+    tensors: dict[str, torch.Tensor] = {}
+    first_name: dict[int, str] = {}
+    for role, named in (("parameter", network.named_parameters(remove_duplicate=False)),
+                        ("buffer", network.named_buffers(remove_duplicate=False))):
+        for name, tensor in named:
+            entry = {"role": role, "requires_grad": bool(tensor.requires_grad)}
+            first = first_name.setdefault(id(tensor), name)
+            if first != name:
+                entry["same_as"] = first
+            else:
+                tensors[name] = tensor.detach().to("cpu")
+            roles[name] = entry
+    return roles, tensors
+
+
+# ----------------------------------------------------------------------------------------------------------- loading
+def network_from_spec(spec: Any, tensors: dict[str, torch.Tensor]) -> ReconstructedNetwork:
+    """Rebuild the network a spec describes, giving it ``tensors``; raises :class:`FileFormatError` on any problem."""
+    if not isinstance(spec, dict):
+        raise FileFormatError("the graph spec is not a JSON object")
+    if _get(spec, "format", str) != FORMAT_NAME:
+        raise FileFormatError(f"not a saved network: format is {spec['format']!r}, expected {FORMAT_NAME!r}")
+    version = _get(spec, "version", int)
+    if version != FORMAT_VERSION:
+        raise FileFormatError(f"unknown format version {version} (this reader knows version {FORMAT_VERSION})")
+    decoder = TemplateDecoder(tensors)
+    nodes = [_decode_node(i, entry, decoder) for i, entry in enumerate(_get(spec, "nodes", list))]
+    output_template = _decode_in("the output template", _get(spec, "output_template", object), decoder)
+    guards = _decode_guards(_get(spec, "guards", list), decoder)
+    _check_refs(nodes, output_template, guards)
+    modules = {key: _decode_module(key, entry, decoder) for key, entry in _get(spec, "modules", dict).items()}
+    for node in nodes:
+        if node.op != "input" and node.key not in modules:
+            raise FileFormatError(f"node {node.name!r} runs module {node.key!r}, which the file does not define")
+    network = ReconstructedNetwork(
+        nodes, modules, _decode_signature(_get(spec, "signature", list), decoder),
+        _decode_constants(_get(spec, "input_constants", list), decoder), output_template, guards,
+        _get(spec, "captured_training", bool))
+    _assign_tensors(network, _get(spec, "tensors", dict), tensors)
+    network.train(_get(spec, "training", bool))
+    return network
+
+
+def _get(mapping: dict, key: str, kind: type | tuple[type, ...], where: str = "the graph spec") -> Any:
+    if key not in mapping:
+        raise FileFormatError(f"missing key {key!r} in {where}")
+    value = mapping[key]
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise FileFormatError(f"key {key!r} in {where} has a malformed value {str(value)[:80]}")
+    return value
+
+
+def _decode_in(where: str, value: Any, decoder: TemplateDecoder) -> Any:
+    try:
+        return decoder.decode(value)
+    except FileFormatError as error:
+        raise FileFormatError(f"{where}: {error}") from None
+
+
+def _decode_module(key: str, entry: Any, decoder: TemplateDecoder) -> nn.Module:
+    try:
+        return build_module(decoder.decode(entry))
+    except FileFormatError as error:
+        raise FileFormatError(f"module {key!r}: {error}") from None
+
+
+def _decode_node(index: int, entry: Any, decoder: TemplateDecoder) -> Node:
+    if not isinstance(entry, dict):
+        raise FileFormatError(f"node {index} is not a JSON object")
+    where = f"node {index}"
+    name = _get(entry, "name", str, where)
+    where = f"node {index} ({name!r})"
+    op = _get(entry, "op", str, where)
+    if op not in _TENSOR_NODE_OPS and op not in LEAF_BY_NAME and not oplib.is_replayable(op):
+        raise FileFormatError(f'unknown op "{op}" not on the allow-list ({where})')
+    node = Node(name=name, op=op, key=_get(entry, "key", (str, type(None)), where),
+                args=_decode_in(where, _get(entry, "args", list, where), decoder),
+                kwargs=_decode_in(where, _get(entry, "kwargs", dict, where), decoder),
+                source=_get(entry, "source", (str, type(None)), where),
+                meta=_decode_in(where, _get(entry, "meta", dict, where), decoder))
+    if not isinstance(node.kwargs, dict) or not isinstance(node.meta, dict):
+        raise FileFormatError(f"{where}: kwargs and meta must be objects")
+    if op == "input" and not isinstance(node.meta.get("path"), tuple):
+        raise FileFormatError(f"{where}: an input node needs meta['path'], the argument it is bound to")
+    return node
+
+
+def _decode_guards(entries: list, decoder: TemplateDecoder) -> dict[tuple, str | None]:
+    guards: dict[tuple, str | None] = {}
+    for entry in entries:
+        if not (isinstance(entry, list) and len(entry) == 3 and isinstance(entry[2], (str, type(None)))):
+            raise FileFormatError(f"malformed guard {str(entry)[:80]} (expected [expression, value, source])")
+        guards[(_decode_in("a guard", entry[0], decoder), _decode_in("a guard", entry[1], decoder))] = entry[2]
+    return guards
+
+
+def _decode_constants(entries: list, decoder: TemplateDecoder) -> dict[tuple, Any]:
+    constants: dict[tuple, Any] = {}
+    for entry in entries:
+        if not (isinstance(entry, list) and len(entry) == 2 and isinstance(entry[0], list)):
+            raise FileFormatError(f"malformed input constant {str(entry)[:80]} (expected [path, value])")
+        constants[_decode_in("an input constant", entry[0], decoder)] = _decode_in("an input constant", entry[1],
+                                                                                   decoder)
+    return constants
+
+
+def _decode_signature(entries: list, decoder: TemplateDecoder) -> inspect.Signature:
+    parameters = []
+    for entry in entries:
+        if not isinstance(entry, dict):
+            raise FileFormatError("malformed signature parameter (expected a JSON object)")
+        name = _get(entry, "name", str, "a signature parameter")
+        kind = _PARAMETER_KINDS.get(_get(entry, "kind", str, f"signature parameter {name!r}"))
+        if kind is None:
+            raise FileFormatError(f"signature parameter {name!r} has an unknown kind {entry['kind']!r}")
+        default = entry.get("default", inspect.Parameter.empty)
+        if default is not inspect.Parameter.empty:
+            default = _decode_in(f"signature parameter {name!r}", default, decoder)
+        try:
+            parameters.append(inspect.Parameter(name, kind, default=default))
+        except (TypeError, ValueError) as error:
+            raise FileFormatError(f"malformed signature parameter {name!r}: {error}") from None
+    try:
+        return inspect.Signature(parameters)
+    except ValueError as error:
+        raise FileFormatError(f"malformed forward signature: {error}") from None
+
+
+def _check_refs(nodes: list[Node], output_template: Any, guards: dict[tuple, Any]) -> None:
+    for index, node in enumerate(nodes):
+        for ref in iter_refs((node.args, node.kwargs)):
+            if ref.index >= index:
+                raise FileFormatError(f"node {index} ({node.name!r}) reads node {ref.index}, which does not run "
+                                      "before it")
+    for ref in iter_refs((output_template, [Sym(expr) for expr, _ in guards])):
+        if ref.index >= len(nodes):
+            raise FileFormatError(f"the output or a guard reads node {ref.index}, but there are {len(nodes)} nodes")
+
+
+def _assign_tensors(network: ReconstructedNetwork, roles: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+    owners = {node.key: node.name for node in network.graph_nodes}
+    assigned: dict[str, torch.Tensor] = {}
+    for name, entry in roles.items():
+        if not isinstance(entry, dict):
+            raise FileFormatError(f"malformed entry for tensor {name!r}")
+        role = _get(entry, "role", str, f"tensor {name!r}")
+        if role == "template":
+            continue
+        module_path, _, attribute = name.rpartition(".")
+        owner = owners.get(module_path.removeprefix("nodes.").split(".")[0], module_path)
+        try:
+            module = network.get_submodule(module_path)
+        except AttributeError:
+            raise FileFormatError(f"tensor {name!r} belongs to no module of the network") from None
+        slots = dict(module.named_parameters(recurse=False, remove_duplicate=False) if role == "parameter"
+                     else module.named_buffers(recurse=False, remove_duplicate=False))
+        if attribute not in slots:
+            raise FileFormatError(f"tensor {name!r} is not a {role} of node {owner!r}")
+        value = _stored_tensor(name, entry, tensors, assigned)
+        if tuple(value.shape) != tuple(slots[attribute].shape):
+            raise FileFormatError(f"tensor shape mismatch for node {owner!r}: {name} is {tuple(value.shape)} in the "
+                                  f"file but its stored arguments give {tuple(slots[attribute].shape)}")
+        if role == "parameter" and not isinstance(value, nn.Parameter):
+            value = nn.Parameter(value, requires_grad=_get(entry, "requires_grad", bool, f"tensor {name!r}"))
+        setattr(module, attribute, value)
+        assigned[name] = value
+    for name, tensor in [*network.named_parameters(remove_duplicate=False),
+                         *network.named_buffers(remove_duplicate=False)]:
+        if tensor.is_meta:
+            raise FileFormatError(f"missing tensor {name!r} (the file does not list it)")
+
+
+def _stored_tensor(name: str, entry: dict, tensors: dict[str, torch.Tensor],
+                   assigned: dict[str, torch.Tensor]) -> torch.Tensor:
+    if "same_as" in entry:
+        if entry["same_as"] not in assigned:
+            raise FileFormatError(f"tensor {name!r} is tied to {entry['same_as']!r}, which is not stored before it")
+        return assigned[entry["same_as"]]
+    if name not in tensors:
+        raise FileFormatError(f"missing tensor {name!r}")
+    value = tensors[name]
+    if not isinstance(value, torch.Tensor):
+        raise FileFormatError(f"stored tensor {name!r} is a {type(value).__name__}, not a tensor")
+    return value

@@ -1,0 +1,1 @@
+"""Fine-tuning of compressed networks (BaseTrainer hooks, tensorboardX logging, distillation): not written yet."""
