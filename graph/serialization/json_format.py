@@ -44,6 +44,8 @@ def load_json(path: str | os.PathLike) -> ReconstructedNetwork:
         document = json.loads(raw.decode("utf-8"))
     except UnicodeDecodeError as error:
         raise FileFormatError(f"not UTF-8 text at byte {error.start}") from None
+    except RecursionError:
+        raise FileFormatError("the JSON is nested too deeply") from None
     except json.JSONDecodeError as error:
         ending = "truncated" if error.pos >= len(raw.rstrip()) else "corrupted"
         raise FileFormatError(f"{ending} JSON at byte {error.pos} (line {error.lineno}, column {error.colno}): "

@@ -94,9 +94,14 @@ _ENCODERS: dict[type, Callable[[Any, TemplateEncoder], Any]] = {}
 _encodes = registers_in(_ENCODERS)
 
 
-@_encodes(type(None), bool, int, str)
+@_encodes(type(None), bool)
 def _encode_plain(value: Any, encoder: TemplateEncoder) -> Any:
     return value
+
+
+@_encodes(int, str)
+def _encode_int_or_str(value: Any, encoder: TemplateEncoder) -> Any:
+    return int(value) if isinstance(value, int) else str(value)  # subclasses (IntEnum, str enums) become plain
 
 
 @_encodes(float)

@@ -101,8 +101,8 @@ def load_vnmodel(path: str | os.PathLike) -> ReconstructedNetwork:
                               f"{computed:#010x} (the file is corrupted)")
     try:
         spec = json.loads(bytes(graph).decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise FileFormatError(f"the graph spec is not valid UTF-8 JSON: {error}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
+        raise FileFormatError(f"the graph spec is not valid UTF-8 JSON: {error!r}") from None
     tensors = {name: tensor_from_bytes(data[offset:offset + nbytes], dtype, shape, name)
                for name, dtype, shape, offset, nbytes in entries}
     return network_from_spec(spec, tensors)
