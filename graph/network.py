@@ -14,10 +14,12 @@ from typing import Any, Callable, Iterable
 import networkx as nx
 import torch
 import torch.nn as nn
+from torch.nn.modules import module as torch_module
 
 from . import symbolic
 from .errors import ReplayError
 from .ir import Node, Ref, Struct, Sym, is_dynamic, iter_refs
+from .modules import FunctionalOp
 
 _MISSING = object()
 
@@ -57,7 +59,7 @@ def compile_template(template: Any) -> Callable[[_Run], Any]:
         parts = [compile_template(t) for t in template]
         if isinstance(template, list):
             return lambda run: [p(run) for p in parts]
-        return lambda run: tuple(p(run) for p in parts)
+        return lambda run: tuple([p(run) for p in parts])
     if isinstance(template, dict):
         items = [(k, compile_template(v)) for k, v in template.items()]
         return lambda run: {k: p(run) for k, p in items}
@@ -256,7 +258,8 @@ class ReconstructedNetwork(nn.Module):
                 continue
             out = node.out_shape
             expected_len = len(out) if isinstance(out, list) else None
-            program.append((i, self.nodes[node.key], compile_template(tuple(node.args)),
+            module = self.nodes[node.key]
+            program.append((i, module, _direct_callable(module), compile_template(tuple(node.args)),
                             compile_template(dict(node.kwargs)), node.meta.get("no_grad", False), expected_len,
                             checks_after.get(i, ()), frees.get(i, ())))
         self._program = (program, checks_after.get(-1, ()), compile_template(self.output_template))
@@ -268,12 +271,16 @@ class ReconstructedNetwork(nn.Module):
         self._bind_inputs(run, args, kwargs)
         self._check(run, initial_checks)
         env = run.env
-        for index, module, arg_fn, kwarg_fn, no_grad, expected_len, checks, frees in program:
+        # Calling a node's function directly skips nn.Module.__call__ (a few microseconds per node, which is most of
+        # the replay overhead on small models); hooks and JIT tracing still get the full call.
+        bypass = not (_global_hooks() or torch._C._get_tracing_state())
+        for index, module, direct, arg_fn, kwarg_fn, no_grad, expected_len, checks, frees in program:
+            call = direct if bypass and not _has_hooks(module) else module
             if no_grad and torch.is_grad_enabled():
                 with torch.no_grad():
-                    value = module(*arg_fn(run), **kwarg_fn(run))
+                    value = call(*arg_fn(run), **kwarg_fn(run))
             else:
-                value = module(*arg_fn(run), **kwarg_fn(run))
+                value = call(*arg_fn(run), **kwarg_fn(run))
             env[index] = value
             if expected_len is not None and len(value) != expected_len:
                 node = self.graph_nodes[index]
@@ -333,6 +340,25 @@ class ReconstructedNetwork(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{len(self.input_nodes)} inputs, {len(self.layer_nodes)} nodes, {len(self.guards)} guards"
+
+
+def _global_hooks() -> bool:
+    """True when hooks registered for every module exist (then each node runs through ``nn.Module.__call__``)."""
+    return bool(torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks
+                or torch_module._global_backward_hooks or torch_module._global_backward_pre_hooks)
+
+
+def _has_hooks(module: nn.Module) -> bool:
+    """True when ``module`` has hooks of its own, which only ``nn.Module.__call__`` runs."""
+    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                or module._backward_pre_hooks)
+
+
+def _direct_callable(module: nn.Module) -> Callable:
+    """What a node without hooks runs: a plain functional op's torch function, else the module's ``forward``."""
+    if type(module).forward is FunctionalOp.forward:
+        return module.fn
+    return module.forward
 
 
 def _path_arg(first: str | None, second: str | None) -> str:

@@ -30,14 +30,19 @@ def assert_outputs_close(expected: Any, actual: Any, rtol: float = 1e-5) -> None
 
 def parameter_pairs(model: nn.Module, net: nn.Module) -> list[tuple[nn.Parameter, nn.Parameter]]:
     """(parameter of ``model``, its copy in the captured ``net``), matched through node names, which are the
-    module paths of leaf modules and the attribute paths of parameters read directly."""
-    pairs = []
+    module paths of leaf modules and the attribute paths of parameters read directly (a module called again gets
+    a suffixed name but is the same module, so only its first node is used)."""
+    pairs, seen = [], set()
     for node in net.layer_nodes:
-        if node.op == "param" and isinstance(net.module_of(node).value, nn.Parameter):
-            pairs.append((model.get_parameter(node.name), net.module_of(node).value))
+        module = net.module_of(node) if node.key else None
+        if module is None or id(module) in seen:
+            continue
+        seen.add(id(module))
+        if node.op == "param" and isinstance(module.value, nn.Parameter):
+            pairs.append((model.get_parameter(node.name), module.value))
         elif node.op in LEAF_BY_NAME:
             original = model.get_submodule(node.name)
-            pairs += [(original.get_parameter(name), p) for name, p in net.module_of(node).named_parameters()]
+            pairs += [(original.get_parameter(name), p) for name, p in module.named_parameters()]
     return pairs
 
 

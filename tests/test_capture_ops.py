@@ -182,3 +182,21 @@ def test_in_place_ops_on_the_input_mutate_the_replay_input_like_the_original():
     assert_outputs_close(expected, actual)
     assert torch.equal(replay_input, expected_input)
     assert actual.data_ptr() == replay_input.data_ptr()
+
+
+def test_hooks_on_node_modules_and_global_hooks_still_run_at_replay():
+    _, net = _captured(CASES["amc_ops"])
+    calls = []
+    conv = net.module_of(net.node("block.conv1"))
+    add = net.module_of(net.node("block.add"))
+    conv.register_forward_hook(lambda module, args, out: calls.append("conv"))
+    add.register_forward_pre_hook(lambda module, args: calls.append("add"))
+    x = CASES["amc_ops"].make_input(1, 16)
+    net(x)
+    assert calls == ["conv", "add"]
+    handle = nn.modules.module.register_module_forward_hook(lambda module, args, out: calls.append(type(module)))
+    try:
+        net(x)
+    finally:
+        handle.remove()
+    assert calls.count(nn.Linear) == 1 and calls.count(nn.BatchNorm2d) == 2
