@@ -11,36 +11,42 @@ from .dependency import ChannelGroup
 Importance = Union[str, Callable[["ReconstructedNetwork", ChannelGroup], np.ndarray]]  # noqa: F821
 
 
-def _norm_scores(rnet, group: ChannelGroup, power: int) -> np.ndarray:
+def _norm_scores(rnet, group: ChannelGroup, power: int, reduced: dict) -> np.ndarray:
     scores = np.zeros(group.size)
     for member in group.members:
-        tensor = member_tensor(rnet, member.node, member.tensor).detach()
-        reduce_dims = [d for d in range(tensor.dim()) if d != member.dim]
-        per_position = tensor.abs().pow(power).float().sum(dim=reduce_dims).cpu().numpy() if reduce_dims else \
-            tensor.abs().pow(power).float().cpu().numpy()
-        per_channel = np.array([per_position[p].sum() for p in member.positions])
+        key = (member.node, member.tensor, member.dim, power)
+        if key not in reduced:
+            tensor = member_tensor(rnet, member.node, member.tensor).detach()
+            reduce_dims = [d for d in range(tensor.dim()) if d != member.dim]
+            norms = tensor.abs().pow(power).float()
+            reduced[key] = (norms.sum(dim=reduce_dims) if reduce_dims else norms).cpu().numpy()
+        per_channel = reduced[key][member.positions].sum(axis=1)
         mean = per_channel.mean()
         scores += per_channel / mean if mean > 0 else per_channel
     return scores
 
 
 IMPORTANCES: dict[str, Callable] = {
-    "l1": lambda rnet, group: _norm_scores(rnet, group, 1),
-    "l2": lambda rnet, group: _norm_scores(rnet, group, 2),
-    "random": lambda rnet, group: np.random.default_rng(group.id).random(group.size),
+    "l1": lambda rnet, group, reduced: _norm_scores(rnet, group, 1, reduced),
+    "l2": lambda rnet, group, reduced: _norm_scores(rnet, group, 2, reduced),
+    "random": lambda rnet, group, reduced: np.random.default_rng(group.id).random(group.size),
 }
 
 
-def group_importance(rnet, group: ChannelGroup, importance: Importance = "l2") -> np.ndarray:
+def group_importance(rnet, group: ChannelGroup, importance: Importance = "l2",
+                     reduced: dict | None = None) -> np.ndarray:
     """One score per channel of ``group`` (higher = more important): ``l1``, ``l2``, ``random`` or a callable.
 
     Norm scores sum, over members, each member's per-channel norm divided by that member's mean, so a wide
-    producer does not drown a narrow consumer.
+    producer does not drown a narrow consumer. ``reduced`` (a dict shared across calls on an unchanged network)
+    caches each tensor's per-position norms, so scoring many groups reduces every tensor once.
     """
-    function = importance if callable(importance) else IMPORTANCES.get(importance)
-    if function is None:
+    if callable(importance):
+        scores = np.asarray(importance(rnet, group), dtype=float)
+    elif importance in IMPORTANCES:
+        scores = np.asarray(IMPORTANCES[importance](rnet, group, {} if reduced is None else reduced), dtype=float)
+    else:
         raise ValueError(f"unknown importance {importance!r}; use one of {sorted(IMPORTANCES)} or a callable")
-    scores = np.asarray(function(rnet, group), dtype=float)
     if scores.shape != (group.size,):
         raise ValueError(f"importance returned shape {scores.shape} for a group of {group.size} channels")
     return scores

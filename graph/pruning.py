@@ -53,6 +53,13 @@ def _removed_components(graph: DependencyGraph, plan: Plan) -> np.ndarray:
     return np.concatenate(removed) if removed else np.zeros(0, dtype=np.int64)
 
 
+def _removed_mask(graph: DependencyGraph, plan: Plan) -> np.ndarray:
+    """A boolean per component: True where the plan removes it."""
+    mask = np.zeros(int(graph.component.max()) + 1 if graph.component.size else 0, dtype=bool)
+    mask[_removed_components(graph, plan)] = True
+    return mask
+
+
 def _owner_and_attribute(module: nn.Module, path: str) -> tuple[nn.Module, str]:
     parts = path.split(".")
     for part in parts[:-1]:
@@ -79,11 +86,10 @@ def prune_channels(rnet, plan: Plan):
     groups, out-of-range indices, unprunable groups, or a plan that would leave any tensor dim empty.
     """
     graph = dependency_graph(rnet)
-    removed_components = _removed_components(graph, plan)
-    component = graph.component
+    gone = _removed_mask(graph, plan)
 
     def removed(ids: np.ndarray) -> np.ndarray:
-        return np.isin(component[np.asarray(ids)], removed_components)
+        return gone[graph.component[np.asarray(ids)]]
 
     pruned = copy.deepcopy(rnet)
     owners: dict[int, list[tuple[nn.Module, str]]] = defaultdict(list)
@@ -169,13 +175,13 @@ def _update_shapes(pruned, graph: DependencyGraph, removed) -> None:
 def mask_channels(rnet, plan: Plan):
     """A same-size copy of ``rnet`` in which the planned channels contribute nothing (consumer weights zeroed)."""
     graph = dependency_graph(rnet)
-    removed_components = _removed_components(graph, plan)
+    removed = _removed_mask(graph, plan)
     masked = copy.deepcopy(rnet)
     with torch.no_grad():
         for member in graph.members:
             if member.role != "in":
                 continue
-            gone = np.flatnonzero(np.isin(graph.component[member.ids], removed_components))
+            gone = np.flatnonzero(removed[graph.component[member.ids]])
             if gone.size:
                 node = masked.graph_nodes[member.node]
                 owner, attribute = _owner_and_attribute(masked.nodes[node.key], member.tensor)
@@ -198,7 +204,8 @@ def plan_by_ratio(rnet, channel_ratio: float, importance: Importance = "l2", rou
         raise ValueError(f"channel_ratio must be in [0, 1), got {channel_ratio}")
     ignore = set(ignore)
     groups = [g for g in dependency_graph(rnet).groups if g.prunable and not ignore & set(g.nodes)]
-    scores = {g: group_importance(rnet, g, importance) for g in groups}
+    reduced: dict = {}
+    scores = {g: group_importance(rnet, g, importance, reduced) for g in groups}
     keep = {g: _keep_count(g.size, channel_ratio, round_to) for g in groups}
     if global_ranking and groups:
         pooled = np.concatenate([scores[g] / (scores[g].mean() or 1) for g in groups])
@@ -208,6 +215,20 @@ def plan_by_ratio(rnet, channel_ratio: float, importance: Importance = "l2", rou
             keep[g] = _keep_count(g.size, 1 - max(survivors, 1) / g.size, round_to)
     return {g: np.argsort(scores[g], kind="stable")[:g.size - keep[g]].tolist() for g in groups
             if keep[g] < g.size}
+
+
+def multiply_adds(rnet) -> int:
+    """Multiply-adds of one forward at the captured input shapes, counted by ``torch.utils.flop_counter``."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    inputs = {}
+    for node in rnet.input_nodes:
+        dtype = getattr(torch, node.meta.get("dtype", "float32"))
+        inputs[node.meta["path"][0]] = torch.zeros(node.meta["out"], dtype=dtype)
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        rnet(**inputs)
+    return counter.get_total_flops() // 2
 
 
 def prune(rnet, channel_ratio: float = 0.5, importance: Importance = "l2", round_to: int | None = None,
@@ -221,12 +242,12 @@ def prune(rnet, channel_ratio: float = 0.5, importance: Importance = "l2", round
         return prune_channels(rnet, plan_by_ratio(rnet, channel_ratio, importance, round_to, global_ranking, ignore))
     if not 0 < flops_target <= 1:
         raise ValueError(f"flops_target must be in (0, 1], got {flops_target}")
-    budget = rnet.flops().total_macs * flops_target
+    budget = multiply_adds(rnet) * flops_target
     low, high, best = 0.0, 0.95, None
     for _ in range(12):
         ratio = (low + high) / 2
         candidate = prune_channels(rnet, plan_by_ratio(rnet, ratio, importance, round_to, global_ranking, ignore))
-        if candidate.flops().total_macs <= budget:
+        if multiply_adds(candidate) <= budget:
             best, high = candidate, ratio
         else:
             low = ratio

@@ -15,13 +15,16 @@ from .registry import find_rule
 
 @dataclass
 class GroupMember:
-    """One tensor dim of a group: channel ``i`` of the group occupies ``positions[i]`` along ``dim``."""
+    """One tensor dim of a group: channel ``i`` of the group occupies ``positions[i]`` along ``dim``.
+
+    ``positions`` is a (channels x positions-per-channel) integer array.
+    """
 
     node: str
     tensor: str
     dim: int
     role: str
-    positions: list[np.ndarray]
+    positions: np.ndarray
 
 
 @dataclass(eq=False)
@@ -129,37 +132,84 @@ class DependencyGraph:
         return component
 
     def _make_groups(self) -> list[ChannelGroup]:
+        """One group per distinct signature: which members a component touches and at how many positions each."""
         component = self.component
-        blocked: dict[int, str] = {}
-        for ids, reason in self.record.blocked:
-            for comp in np.unique(component[ids]):
-                blocked.setdefault(int(comp), reason)
-        inexact = {int(c) for ids, _ in self.record.inexact for c in np.unique(component[ids])}
-        touches: dict[int, dict[int, list[int]]] = defaultdict(dict)
-        for m, member in enumerate(self.members):
-            comps = component[member.ids]
-            for position, comp in enumerate(comps.tolist()):
-                touches[comp].setdefault(m, []).append(position)
-        by_signature: dict[tuple, list[int]] = defaultdict(list)
-        for comp, per_member in touches.items():
-            signature = tuple((m, len(p)) for m, p in sorted(per_member.items()))
-            by_signature[signature + (comp in blocked,)].append(comp)
-        groups = []
+        entries = _MemberEntries(component, self.members)
+        blocked_by = _first_mark(component, self.record.blocked)
+        inexact = _first_mark(component, self.record.inexact) >= 0
+        signature_of, first_seen = entries.signatures(blocked_by >= 0)
         names = [n.name for n in self.rnet.graph_nodes]
-        for signature, comps in by_signature.items():
-            first = signature[0][0]
-            comps.sort(key=lambda c: touches[c][first][0])
+        groups = []
+        for signature in np.argsort(first_seen, kind="stable"):
+            comps = np.flatnonzero(signature_of == signature)
+            comps = comps[np.argsort(entries.first_position[comps])]
             members = [GroupMember(names[self.members[m].node], self.members[m].tensor, self.members[m].dim,
-                                   self.members[m].role, [np.asarray(touches[c][m]) for c in comps])
-                       for m, _ in signature[:-1]]
-            reasons = [blocked[c] for c in comps if c in blocked]
-            groups.append(ChannelGroup(0, len(comps), members, not reasons, not any(c in inexact for c in comps),
-                                       reasons[0] if reasons else None, np.asarray(comps)))
+                                   self.members[m].role, positions)
+                       for m, positions in entries.positions(comps)]
+            reason = self.record.blocked[blocked_by[comps[0]]][1] if blocked_by[comps[0]] >= 0 else None
+            groups.append(ChannelGroup(0, len(comps), members, reason is None, not inexact[comps].any(), reason,
+                                       comps))
         order = {name: i for i, name in enumerate(names)}
         groups.sort(key=lambda g: (min(order[m.node] for m in g.members), g.size))
         for i, group in enumerate(groups):
             group.id = i
         return groups
+
+
+class _MemberEntries:
+    """Every (member, position) pair with its component, sorted by component, then member, then position."""
+
+    def __init__(self, component: np.ndarray, members: list[Member]):
+        comps = [component[np.asarray(m.ids).ravel()] for m in members]
+        lengths = np.array([len(c) for c in comps], dtype=np.int64)
+        flat_comp = np.concatenate(comps) if comps else np.zeros(0, np.int64)
+        flat_member = np.repeat(np.arange(len(members)), lengths)
+        flat_position = np.arange(len(flat_comp)) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+        self.order = np.argsort(flat_comp, kind="stable")
+        self.comp, self.member = flat_comp[self.order], flat_member[self.order]
+        self.position = flat_position[self.order]
+        changes = np.flatnonzero((self.comp[1:] != self.comp[:-1]) | (self.member[1:] != self.member[:-1])) + 1
+        self.pair_start = np.concatenate([[0], changes]).astype(np.int64)
+        self.pair_count = np.diff(np.append(self.pair_start, len(self.comp)))
+        pair_comp = self.comp[self.pair_start]
+        self.comps = np.unique(pair_comp)
+        self.comp_pairs = np.searchsorted(pair_comp, np.arange(len(component) + 1))
+        self.first_position = np.zeros(len(component), dtype=np.int64)
+        self.first_position[pair_comp[::-1]] = self.position[self.pair_start[::-1]]
+
+    def signatures(self, blocked: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Per component, the index of its signature (-1 if untouched); per signature, its first entry's order."""
+        signature_of = np.full(len(blocked), -1, dtype=np.int64)
+        first_seen: list[np.ndarray] = []
+        n_pairs = np.diff(self.comp_pairs)[self.comps]
+        for k in np.unique(n_pairs):
+            comps = self.comps[n_pairs == k]
+            pairs = self.comp_pairs[comps][:, None] + np.arange(k)
+            rows = np.column_stack([self.member[self.pair_start[pairs]], self.pair_count[pairs], blocked[comps]])
+            _, inverse = np.unique(rows, axis=0, return_inverse=True)
+            inverse = inverse.ravel()
+            signature_of[comps] = inverse + sum(len(f) for f in first_seen)
+            seen = np.full(inverse.max() + 1, len(self.order), dtype=np.int64)
+            np.minimum.at(seen, inverse, self.order[self.pair_start[self.comp_pairs[comps]]])
+            first_seen.append(seen)
+        return signature_of, (np.concatenate(first_seen) if first_seen else np.zeros(0, np.int64))
+
+    def positions(self, comps: np.ndarray) -> list[tuple[int, np.ndarray]]:
+        """For components sharing one signature: each member's positions, one row per component."""
+        result = []
+        for j in range(self.comp_pairs[comps[0] + 1] - self.comp_pairs[comps[0]]):
+            starts = self.pair_start[self.comp_pairs[comps] + j]
+            count = self.pair_count[self.comp_pairs[comps[0]] + j]
+            result.append((int(self.member[starts[0]]), self.position[starts[:, None] + np.arange(count)]))
+        return result
+
+
+def _first_mark(component: np.ndarray, marks: list[tuple[np.ndarray, str]]) -> np.ndarray:
+    """Per component, the index of the first mark (block or inexact) covering one of its elements, else -1."""
+    first = np.full(component.max() + 1 if component.size else 0, -1, dtype=np.int64)
+    for index in range(len(marks) - 1, -1, -1):
+        first[component[marks[index][0]]] = index
+    return first
 
 
 def _get_tensor(module, path: str):

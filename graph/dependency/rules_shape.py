@@ -247,12 +247,10 @@ def split_rule(ctx: RuleContext) -> None:
     labeling = ctx.labels(x)
     shapes = ctx.out_shape
     rank = len(shapes[0])
-    op = ctx.node.op.rsplit(".", 1)[-1]
-    dim = ctx.arg(2, "dim", 0) if op != "chunk" else ctx.arg(2, "dim", 0)
-    dim %= rank
+    dim = ctx.arg(2, "dim", 0) % rank
     ids = ctx.along(x, dim)
-    labeling = ctx.labels(x) if ids is None else ctx.collapse(labeling, dim) and ctx.labels(x)
-    others = labeling.remap({d: d for d in range(rank) if d != dim}, rank) if labeling else None
+    factor = labeling.factor_at(dim) if labeling else None
+    others = labeling.replace(factor, None) if factor else labeling
     start = 0
     bounds = []
     for index, shape in enumerate(shapes):
@@ -300,6 +298,9 @@ def getitem_rule(ctx: RuleContext) -> None:
             in_dim += 1
     while in_dim < len(in_shape):
         mapping[in_dim], in_dim, out_dim = out_dim, in_dim + 1, out_dim + 1
+    for d, (item, _) in slices.items():
+        if labeling is not None and any(isinstance(v, Sym) for v in (item.start, item.stop, item.step)):
+            labeling = ctx.collapse(labeling, d)
     if labeling is None:
         return
     factors = []
@@ -312,7 +313,7 @@ def getitem_rule(ctx: RuleContext) -> None:
             if d in slices:
                 item, _ = slices[d]
                 axis = factor.dims.index(d)
-                start, stop, step = (_plain(v, in_shape[d]) for v in (item.start, item.stop, item.step))
+                start, stop, step = item.start, item.stop, item.step
                 if step not in (None, 1):
                     ctx.block(factor, "a strided slice of a channel dim")
                     break
@@ -323,16 +324,6 @@ def getitem_rule(ctx: RuleContext) -> None:
         else:
             factors.append(Factor(tuple(mapping[d] for d in factor.dims), ids))
     ctx.set_output(Labeling(len(out_shape), tuple(factors)) if factors else None)
-
-
-def _plain(value, size):
-    if isinstance(value, Sym):
-        raise _Unsupported
-    return value
-
-
-class _Unsupported(Exception):
-    pass
 
 
 def _slice_rewrite(ids: np.ndarray, dim: int, start: int, stop: int, index: tuple):
@@ -408,6 +399,7 @@ def contract(ctx: RuleContext, operands: list[tuple[Ref, str]], output: str, pat
                             for lab in [ctx.labels(r)]):
                 labeling = ctx.collapse(labeling, dim)
         placed.append((letters, labeling))
+    _align_factors(ctx, placed)
     for letters, labeling in placed:
         for factor in labeling.factors if labeling else ():
             key = "".join(sorted(letters[d] for d in factor.dims))
@@ -428,6 +420,24 @@ def contract(ctx: RuleContext, operands: list[tuple[Ref, str]], output: str, pat
             dims = tuple(output.index(letter) for letter in kept)
             factors.append(Factor(dims, ids))
     ctx.set_output(Labeling(len(output), tuple(factors)) if factors else None, path)
+
+
+def _align_factors(ctx: RuleContext, placed: list[tuple[str, Labeling | None]]) -> None:
+    """Where factors of different operands share a letter but not all letters, collapse the extra dims of the wider
+    one (e.g. a value's heads x head_dim meeting attention weights' heads makes each whole head one element)."""
+    while True:
+        factors = [(i, factor, {letters[d] for d in factor.dims}) for i, (letters, labeling) in enumerate(placed)
+                   for factor in (labeling.factors if labeling else ())]
+        extra = next(((i, factor, own - other) for i, factor, own in factors for _, _, other in factors
+                      if own & other and own - other), None)
+        if extra is None:
+            return
+        i, factor, letters_to_collapse = extra
+        letters, labeling = placed[i]
+        for dim in factor.dims:
+            if letters[dim] in letters_to_collapse:
+                labeling = ctx.collapse(labeling, dim)
+        placed[i] = (letters, labeling)
 
 
 def _matmul_letters(rank_a: int, rank_b: int) -> tuple[str, str, str]:
@@ -491,7 +501,7 @@ def attention_rule(ctx: RuleContext) -> None:
         ctx.record.union(q_heads.reshape(heads_kv, -1), k_heads.reshape(heads_kv, 1))
     if k_heads is not None and v_heads is not None:
         ctx.record.union(k_heads, v_heads)
-    if None in head:
+    if any(ids is None for ids in head):
         for ids in head:
             ctx.block(ids, "attention operand whose heads cannot be pruned")
         return
