@@ -5,18 +5,11 @@ from typing import Callable
 
 import torch.nn as nn
 
+from .registry import registers_in
+
 SYNC: dict[type, Callable[[nn.Module, dict], None]] = {}
-
-
-def syncs(*types: type) -> Callable:
-    """Register ``sync(module, old)`` for module types; ``old`` holds the sizes before slicing."""
-
-    def register(function: Callable) -> Callable:
-        for cls in types:
-            SYNC[cls] = function
-        return function
-
-    return register
+syncs = registers_in(SYNC)
+"""Register ``sync(module, old)`` for module types; ``old`` holds the sizes before slicing."""
 
 
 def snapshot(module: nn.Module) -> dict:

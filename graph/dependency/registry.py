@@ -6,20 +6,14 @@ from typing import Callable
 import torch.nn as nn
 
 from ..ir import Node
+from ..registry import registers_in
 
 ChannelRule = Callable[["RuleContext"], None]  # noqa: F821 - documented type
 RULES: dict[str, ChannelRule] = {}
 
 
-def channel_rule(*ops: str) -> Callable[[ChannelRule], ChannelRule]:
-    """Register ``rule(context)`` for the given op names (leaf type names such as ``Conv2d`` or function names)."""
-
-    def register(rule: ChannelRule) -> ChannelRule:
-        for op in ops:
-            RULES[op] = rule
-        return rule
-
-    return register
+channel_rule = registers_in(RULES)
+"""Register ``rule(context)`` for the given op names (leaf type names such as ``Conv2d`` or function names)."""
 
 
 def find_rule(node: Node, module: nn.Module | None) -> ChannelRule | None:

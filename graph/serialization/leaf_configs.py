@@ -15,7 +15,7 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 
-from .registry import registers_in
+from ..registry import registers_in
 
 ArgumentReader = Callable[[nn.Module], dict[str, Any]]
 _READERS: dict[type[nn.Module], ArgumentReader] = {}

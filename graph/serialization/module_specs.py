@@ -16,7 +16,7 @@ from ..errors import FileFormatError
 from ..leaves import LEAF_BY_NAME, LEAF_TYPES, leaf_type
 from ..modules import ConstantNode, FunctionalOp, ParameterNode, make_functional
 from .leaf_configs import build_leaf, leaf_config
-from .registry import registers_in
+from ..registry import registers_in
 
 ModuleWriter = Callable[[nn.Module], dict[str, Any]]
 ModuleBuilder = Callable[[dict[str, Any]], nn.Module]

@@ -17,7 +17,7 @@ import torch
 
 from ..errors import FileFormatError
 from ..ir import Ref, Struct, Sym
-from .registry import registers_in
+from ..registry import registers_in
 
 TAG_PREFIX = "$"
 _STRUCT_IMPORTABLE = ("collections", "torchvision", "transformers")

@@ -1,4 +1,4 @@
-"""The one decorator pattern behind this package's per-kind handler tables."""
+"""The one decorator pattern behind every per-kind handler table in `graph` (rules, serialisers, FLOP counters)."""
 from __future__ import annotations
 
 from typing import Any, Callable, TypeVar
