@@ -265,7 +265,49 @@ class ReconstructedNetwork(nn.Module):
         self._program = (program, checks_after.get(-1, ()), compile_template(self.output_template))
         return self._program
 
+    def example_inputs(self) -> tuple[tuple, dict]:
+        """``(args, kwargs)`` shaped like the captured inputs (tensors of ones of the captured shapes and dtypes, the
+        captured constants), for passes that run the network at its captured size (FLOPs, observation)."""
+        bound: dict[str, Any] = {}
+        device = self._device()
+        values = {node.meta["path"]: torch.ones(node.meta["out"], device=device,
+                                                 dtype=getattr(torch, node.meta.get("dtype", "float32")))
+                  for node in self.input_nodes}
+        values.update(self.input_constants)
+        for path, value in sorted(values.items(), key=lambda item: [str(k) for k in item[0]]):
+            _place(bound, path, value)
+        args: list = []
+        kwargs: dict = {}
+        for name, parameter in self.signature.parameters.items():
+            if name not in bound:
+                continue
+            value = _freeze(bound[name])
+            if parameter.kind is parameter.VAR_POSITIONAL:
+                args.extend(value)
+            elif parameter.kind is parameter.VAR_KEYWORD:
+                kwargs.update(value)
+            elif parameter.kind is parameter.POSITIONAL_ONLY:
+                args.append(value)
+            else:
+                kwargs[name] = value
+        return tuple(args), kwargs
+
+    def observe(self, observer: Callable[[Node, tuple, dict, Any], None], *args: Any, **kwargs: Any) -> Any:
+        """Run the network, calling ``observer(node, args, kwargs, output)`` after every node with the real values
+        it received and produced (the pass behind FLOP counts and data-driven compressors); returns the output."""
+        return self._execute(args, kwargs, observer)
+
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self._execute(args, kwargs, None)
+
+    def _device(self) -> torch.device:
+        for tensor in self.parameters():
+            return tensor.device
+        for tensor in self.buffers():
+            return tensor.device
+        return torch.device("cpu")
+
+    def _execute(self, args: tuple, kwargs: dict, observer: Callable | None) -> Any:
         program, initial_checks, output = self._program or self._compile()
         run = _Run(len(self.graph_nodes), self.training, None)
         self._bind_inputs(run, args, kwargs)
@@ -276,12 +318,15 @@ class ReconstructedNetwork(nn.Module):
         bypass = not (_global_hooks() or torch._C._get_tracing_state())
         for index, module, direct, arg_fn, kwarg_fn, no_grad, expected_len, checks, frees in program:
             call = direct if bypass and not _has_hooks(module) else module
+            node_args, node_kwargs = arg_fn(run), kwarg_fn(run)
             if no_grad and torch.is_grad_enabled():
                 with torch.no_grad():
-                    value = call(*arg_fn(run), **kwarg_fn(run))
+                    value = call(*node_args, **node_kwargs)
             else:
-                value = call(*arg_fn(run), **kwarg_fn(run))
+                value = call(*node_args, **node_kwargs)
             env[index] = value
+            if observer is not None:
+                observer(self.graph_nodes[index], node_args, node_kwargs, value)
             if expected_len is not None and len(value) != expected_len:
                 node = self.graph_nodes[index]
                 raise ReplayError(f"{node.describe()} returned {len(value)} values at replay but {expected_len} when "
@@ -313,8 +358,7 @@ class ReconstructedNetwork(nn.Module):
                 run.context["device"] = value.device
             run.env[i] = value
         if run.context["device"] is None:
-            first = next(iter(self.parameters()), None)
-            run.context["device"] = first.device if first is not None else torch.device("cpu")
+            run.context["device"] = self._device()
 
     def _check(self, run: _Run, checks: Iterable[tuple]) -> None:
         for expr, expected, source in checks:
@@ -385,6 +429,23 @@ def _lookup(bound: dict, path: tuple) -> Any:
         except (KeyError, IndexError, TypeError):
             return _MISSING
     return value
+
+
+def _place(container: dict, path: tuple, value: Any) -> None:
+    """Store ``value`` at ``path`` in nested dicts (integer keys become list positions when frozen)."""
+    for key in path[:-1]:
+        container = container.setdefault(key, {})
+    container[path[-1]] = value
+
+
+def _freeze(value: Any) -> Any:
+    """Turn the nested dicts built by :func:`_place` back into tuples where every key was an index."""
+    if not isinstance(value, dict):
+        return value
+    items = {key: _freeze(item) for key, item in value.items()}
+    if items and all(isinstance(key, int) for key in items):
+        return tuple(items[i] for i in range(len(items)))
+    return items
 
 
 def _brief(value: Any) -> str:

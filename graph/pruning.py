@@ -221,13 +221,10 @@ def multiply_adds(rnet) -> int:
     """Multiply-adds of one forward at the captured input shapes, counted by ``torch.utils.flop_counter``."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    inputs = {}
-    for node in rnet.input_nodes:
-        dtype = getattr(torch, node.meta.get("dtype", "float32"))
-        inputs[node.meta["path"][0]] = torch.zeros(node.meta["out"], dtype=dtype)
+    args, kwargs = rnet.example_inputs()
     counter = FlopCounterMode(display=False)
     with counter, torch.no_grad():
-        rnet(**inputs)
+        rnet(*args, **kwargs)
     return counter.get_total_flops() // 2
 
 
