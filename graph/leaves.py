@@ -5,6 +5,9 @@ that only changes construction. Subclasses that override ``forward`` and all use
 """
 from __future__ import annotations
 
+import importlib
+import sys
+
 import torch.nn as nn
 
 LEAF_TYPES: tuple[type[nn.Module], ...] = (
@@ -24,13 +27,34 @@ LEAF_TYPES: tuple[type[nn.Module], ...] = (
     nn.ZeroPad1d, nn.ZeroPad2d, nn.ZeroPad3d, nn.ConstantPad1d, nn.ConstantPad2d, nn.ConstantPad3d,
     nn.ReflectionPad1d, nn.ReflectionPad2d, nn.ReplicationPad1d, nn.ReplicationPad2d,
 )
+# Leaf types from optional packages, by name and defining module: they are looked up only once that module has been
+# imported (a model cannot hold one before), so ``graph`` never imports torchvision itself. StochasticDepth is a leaf
+# because its forward branches on ``self.training``: as one node it replays correctly in both modes.
+OPTIONAL_LEAF_MODULES: dict[str, str] = {"StochasticDepth": "torchvision.ops.stochastic_depth"}
 _LEAF_SET = frozenset(LEAF_TYPES)
 LEAF_BY_NAME: dict[str, type[nn.Module]] = {cls.__name__: cls for cls in LEAF_TYPES}
+
+
+def _optional_leaf(name: str, load: bool) -> type[nn.Module] | None:
+    module_name = OPTIONAL_LEAF_MODULES.get(name)
+    if module_name is None:
+        return None
+    module = importlib.import_module(module_name) if load else sys.modules.get(module_name)
+    return getattr(module, name, None)
+
+
+def _is_leaf_class(cls: type) -> bool:
+    return cls in _LEAF_SET or (cls.__name__ in OPTIONAL_LEAF_MODULES and _optional_leaf(cls.__name__, False) is cls)
 
 
 def leaf_type(module: nn.Module) -> type[nn.Module] | None:
     """The registered type whose semantics ``module`` has, or ``None`` when it must be traced into."""
     for cls in type(module).__mro__:
-        if cls in _LEAF_SET:
+        if _is_leaf_class(cls):
             return cls if cls.forward is type(module).forward else None
     return None
+
+
+def leaf_class(name: str) -> type[nn.Module] | None:
+    """The leaf type called ``name`` (importing its optional package if needed), or ``None`` if not a leaf."""
+    return LEAF_BY_NAME.get(name) or _optional_leaf(name, True)

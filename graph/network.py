@@ -101,6 +101,7 @@ class ReconstructedNetwork(nn.Module):
         self.captured_training = captured_training
         self.train(captured_training)
         self._program = None
+        self._names: dict[str, int] | None = None
 
     # The operations below live in modules of their own; these methods are the network's public face.
     def flops(self):
@@ -195,10 +196,13 @@ class ReconstructedNetwork(nn.Module):
 
     def node(self, name: str) -> Node:
         """The node called ``name`` (module path such as ``layer1.0.conv1``, or ``layer1.0.add``)."""
-        for node in self.graph_nodes:
-            if node.name == name:
-                return node
-        raise KeyError(f"no node named {name!r}")
+        index = self._names.get(name) if self._names is not None else None
+        if index is None or index >= len(self.graph_nodes) or self.graph_nodes[index].name != name:
+            self._names = {node.name: i for i, node in enumerate(self.graph_nodes)}
+            index = self._names.get(name)
+        if index is None:
+            raise KeyError(f"no node named {name!r}")
+        return self.graph_nodes[index]
 
     def module_of(self, node: Node) -> nn.Module:
         """The module a node runs."""
@@ -376,11 +380,13 @@ class ReconstructedNetwork(nn.Module):
         state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__.copy()
         state = dict(state)
         state["_program"] = None
+        state["_names"] = None
         return state
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
         self._program = None
+        self._names = None
 
     def extra_repr(self) -> str:
         return f"{len(self.input_nodes)} inputs, {len(self.layer_nodes)} nodes, {len(self.guards)} guards"

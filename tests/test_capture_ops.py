@@ -155,6 +155,23 @@ def test_train_mode_replay_matches_original_outputs_and_gradients(name):
         assert_outputs_close(original.grad, copy.grad)
 
 
+def test_stochastic_depth_captured_in_eval_replays_in_train_mode_like_original():
+    torchvision = pytest.importorskip("torchvision", reason="StochasticDepth comes from torchvision.ops")
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), torchvision.ops.StochasticDepth(0.5, "row"), nn.ReLU()).eval()
+    net = capture(model, torch.randn(1, 3, 8, 8))
+    assert not net.guards
+    model.train()
+    net.train()
+    x = torch.randn(16, 3, 8, 8)
+    outputs = []
+    for module in (model, net):
+        torch.manual_seed(3)
+        outputs.append(module(x))
+    assert_outputs_close(*outputs)
+    dropped_rows = (outputs[0].flatten(1).abs().sum(1) == 0).sum()
+    assert 0 < dropped_rows < 16
+
+
 def test_train_mode_batch_norm_updates_running_stats_like_original():
     model, net = _captured(CASES["amc_ops"], train=True)
     x = CASES["amc_ops"].make_input(OTHER_BATCH, 16)

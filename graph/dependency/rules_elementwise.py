@@ -21,7 +21,8 @@ _UNARY_NAMES = (
 )
 _UNARY_LEAVES = ("ReLU", "ReLU6", "LeakyReLU", "ELU", "SELU", "CELU", "GELU", "SiLU", "Mish", "Hardswish",
                  "Hardsigmoid", "Hardtanh", "Sigmoid", "Tanh", "Softplus", "Softsign", "Tanhshrink", "Threshold",
-                 "LogSigmoid", "Dropout", "Dropout1d", "Dropout2d", "Dropout3d", "AlphaDropout", "Identity")
+                 "LogSigmoid", "Dropout", "Dropout1d", "Dropout2d", "Dropout3d", "AlphaDropout", "Identity",
+                 "StochasticDepth")
 _BINARY_NAMES = (
     "add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_", "true_divide", "floor_divide", "where", "maximum",
     "minimum", "masked_fill", "pow", "lerp", "addcmul", "addcdiv", "eq", "ne", "lt", "le", "gt", "ge",

@@ -13,7 +13,7 @@ import torch.nn as nn
 
 from .. import oplib
 from ..errors import FileFormatError
-from ..leaves import LEAF_BY_NAME, LEAF_TYPES, leaf_type
+from ..leaves import LEAF_TYPES, leaf_class, leaf_type
 from ..modules import ConstantNode, FunctionalOp, ParameterNode, make_functional
 from .leaf_configs import build_leaf, leaf_config
 from ..registry import registers_in
@@ -26,6 +26,8 @@ _BUILDERS: dict[str, ModuleBuilder] = {}
 
 def module_spec(module: nn.Module) -> dict[str, Any]:
     """The spec of a node module (its leaf arguments are raw Python values; encode them as templates)."""
+    if leaf_type(module) is not None:
+        return _write_leaf(module)
     for cls in type(module).__mro__:
         writer = _WRITERS.get(cls)
         if writer is not None:
@@ -68,7 +70,7 @@ def _write_leaf(module: nn.Module) -> dict[str, Any]:
 @_builds("leaf")
 def _build_leaf(spec: dict[str, Any]) -> nn.Module:
     name = _field(spec, "type", str)
-    cls = LEAF_BY_NAME.get(name)
+    cls = leaf_class(name)
     if cls is None:
         raise FileFormatError(f'unknown op "{name}" not on the allow-list of leaf module types')
     config = _field(spec, "config", dict)

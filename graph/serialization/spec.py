@@ -15,7 +15,7 @@ import torch.nn as nn
 from .. import oplib
 from ..errors import FileFormatError
 from ..ir import Node, Sym, iter_refs
-from ..leaves import LEAF_BY_NAME
+from ..leaves import leaf_class
 from ..network import ReconstructedNetwork
 from .leaf_configs import shape_mismatches
 from .module_specs import build_module, module_spec
@@ -172,7 +172,7 @@ def _decode_node(index: int, entry: Any, decoder: TemplateDecoder) -> Node:
     name = _get(entry, "name", str, where)
     where = f"node {index} ({name!r})"
     op = _get(entry, "op", str, where)
-    if op not in _TENSOR_NODE_OPS and op not in LEAF_BY_NAME and not oplib.is_replayable(op):
+    if op not in _TENSOR_NODE_OPS and leaf_class(op) is None and not oplib.is_replayable(op):
         raise FileFormatError(f'unknown op "{op}" not on the allow-list ({where})')
     node = Node(name=name, op=op, key=_get(entry, "key", (str, type(None)), where),
                 args=_decode_in(where, _get(entry, "args", list, where), decoder),
