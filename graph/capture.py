@@ -24,6 +24,7 @@ from . import oplib, symbolic
 from .errors import CaptureError
 from .ir import Node, Ref, Struct, Sym, iter_refs
 from .leaves import leaf_type
+from .modes import branches_on_training, merge_modes
 from .modules import ConstantNode, FunctionalOp, ParameterNode, make_functional
 from .oplib import OpKind
 from .symbolic import TracedFloat, TracedInt, TracedSize, TrainingFlag
@@ -458,7 +459,9 @@ def capture(model: nn.Module, *example_inputs: Any, **example_kwargs: Any):
 
     The model is deep-copied first, so it is never modified (not even BatchNorm statistics in train mode), and the
     network starts from the model's state: buffers the example forward updated are reset to the model's. The
-    network replays in the mode it was captured in; capture in ``train()`` mode to fine-tune with dropout.
+    network starts in the model's mode and replays in both: where the forward branches on ``self.training``, the
+    other mode is captured too and merged in (:mod:`graph.modes`); if the two modes run different ops, replay in the
+    other mode raises :class:`~graph.errors.ReplayError` naming the branch.
 
     Inputs may be positional or keyword, tensors of any dtype (token ids, masks) or constants; arguments left at
     their defaults are constants too, so replay refuses a value the capture never saw. The output comes back in the
@@ -472,7 +475,20 @@ def capture(model: nn.Module, *example_inputs: Any, **example_kwargs: Any):
 
     if not isinstance(model, nn.Module):
         raise TypeError(f"capture expects an nn.Module, got {type(model).__name__}")
-    working = copy.deepcopy(model)
+    tracer = _trace_copy(model, model.training, example_inputs, example_kwargs)
+    if branches_on_training(tracer.guards):
+        try:
+            other = _trace_copy(model, not model.training, example_inputs, example_kwargs)
+        except Exception:  # the other mode cannot run on this input (BatchNorm at batch 1): keep the guards
+            other = None
+        if other is not None:
+            merge_modes(tracer, other)
+    return ReconstructedNetwork.from_tracer(tracer, copy_modules=False)
+
+
+def _trace_copy(model: nn.Module, training: bool, example_inputs: tuple, example_kwargs: dict) -> Tracer:
+    """Trace a deep copy of ``model`` in the given mode; its buffers end as the model's (the forward may update them)."""
+    working = copy.deepcopy(model).train(training)
     tracer = Tracer(working).start()
     try:
         with torch.random.fork_rng(devices=[]):
@@ -482,4 +498,4 @@ def capture(model: nn.Module, *example_inputs: Any, **example_kwargs: Any):
     with torch.no_grad():
         for original, used in zip(model.buffers(), working.buffers()):
             used.copy_(original)
-    return ReconstructedNetwork.from_tracer(tracer, copy_modules=False)
+    return tracer

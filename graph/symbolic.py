@@ -10,6 +10,7 @@ Expressions are nested tuples (so they serialise as JSON):
 ``("size", ref, dim)`` — size of a node output, ``("item", ref)`` — the value of a one-element node output that
 was computed only from sizes and constants (see ``Tracer.read_value`` in :mod:`graph.capture`),
 ``("training",)`` — the network's training flag, ``("device",)`` — the device of the replayed input,
+``("if_training", a, b)`` — ``a`` in train mode, ``b`` in eval mode (see :mod:`graph.modes`),
 ``(op, a, b)`` / ``(op, a)`` — arithmetic, plain ints are constants.
 """
 from __future__ import annotations
@@ -62,6 +63,8 @@ def evaluate(expr: Any, tensor_of: Callable[[Any], Any], context: dict) -> Any:
         return context[head]
     if head == "tuple":
         return tuple(evaluate(e, tensor_of, context) for e in expr[1:])
+    if head == "if_training":
+        return evaluate(expr[1] if context["training"] else expr[2], tensor_of, context)
     if len(expr) == 3:
         return _BINARY[head](evaluate(expr[1], tensor_of, context), evaluate(expr[2], tensor_of, context))
     return _UNARY[head](evaluate(expr[1], tensor_of, context))

@@ -172,6 +172,38 @@ def test_stochastic_depth_captured_in_eval_replays_in_train_mode_like_original()
     assert 0 < dropped_rows < 16
 
 
+class _ModeScaledNet(nn.Module):
+    """Branches on ``self.training`` only to pick constants, as every Hugging Face attention layer does."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scale = 3.0 if self.training else 0.5
+        return nn.functional.dropout(self.linear(x) * scale, p=0.5 if self.training else 0.0)
+
+
+@pytest.mark.parametrize("captured_mode", ["eval", "train"])
+def test_branch_that_picks_constants_by_mode_replays_in_both_modes(captured_mode, tmp_path):
+    from graph import load
+
+    model = _ModeScaledNet().train(captured_mode == "train")
+    net = capture(model, torch.randn(2, 4))
+    assert not net.guards
+    reloaded = load(net.save_to_json(file=str(tmp_path / "net.json")))
+    x = torch.randn(64, 4)
+    for training in (False, True):
+        outputs = []
+        for module in (model, net, reloaded):
+            module.train(training)
+            torch.manual_seed(5)
+            outputs.append(module(x))
+        assert_outputs_close(outputs[0], outputs[1])
+        assert_outputs_close(outputs[0], outputs[2])
+        assert (outputs[0] == 0).any() == training
+
+
 def test_train_mode_batch_norm_updates_running_stats_like_original():
     model, net = _captured(CASES["amc_ops"], train=True)
     x = CASES["amc_ops"].make_input(OTHER_BATCH, 16)

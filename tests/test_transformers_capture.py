@@ -179,6 +179,29 @@ def test_train_mode_with_dropout_gives_same_outputs_and_gradients_for_same_seed(
         torch.testing.assert_close(actual[name], grad, rtol=1e-5, atol=1e-7, msg=name)
 
 
+@pytest.mark.parametrize("attn", ATTENTION_IMPLEMENTATIONS)
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_captured_in_eval_replays_train_mode_dropout_like_the_original(family, attn):
+    model = FAMILIES[family](attn, dropout=0.2).eval()
+    input_ids, mask = token_inputs(2, 16, padded=True)
+    network = capture(model, input_ids, attention_mask=mask, use_cache=False)
+    assert not network.training
+    model.train()
+    network.train()
+    input_ids, mask = token_inputs(3, 9, padded=True, seed=5)
+    logits = []
+    for net in (model, network):
+        torch.manual_seed(7)
+        logits.append(net(input_ids, attention_mask=mask, use_cache=False).logits)
+    torch.testing.assert_close(logits[1], logits[0], rtol=1e-5, atol=1e-6)
+    model.eval()
+    network.eval()
+    eval_logits = model(input_ids, attention_mask=mask, use_cache=False).logits
+    assert not torch.allclose(eval_logits, logits[0]), "dropout must be active in train mode"
+    torch.testing.assert_close(network(input_ids, attention_mask=mask, use_cache=False).logits, eval_logits,
+                               rtol=1e-5, atol=1e-6)
+
+
 class _ArangeLength(nn.Module):
     """Reads Python values from tensors built from sizes only: a traced ``.item()`` and a branch on ``.all()``."""
 
