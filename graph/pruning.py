@@ -228,26 +228,33 @@ def multiply_adds(rnet) -> int:
     return counter.get_total_flops() // 2
 
 
-def prune(rnet, channel_ratio: float = 0.5, importance: Importance = "l2", round_to: int | None = None,
-          global_ranking: bool = False, ignore: Iterable[str] = (), flops_target: float | None = None):
-    """One call: remove ``channel_ratio`` of every prunable group's channels (least important first).
-
-    With ``flops_target`` (a fraction such as 0.5) the ratio is found by bisection so that the pruned network's
-    multiply-adds are at most that fraction of the original's.
-    """
-    if flops_target is None:
-        return prune_channels(rnet, plan_by_ratio(rnet, channel_ratio, importance, round_to, global_ranking, ignore))
+def plan_for_flops(rnet, flops_target: float, importance: Importance = "l2", round_to: int | None = None,
+                   global_ranking: bool = False, ignore: Iterable[str] = ()) -> dict[ChannelGroup, list[int]]:
+    """The smallest-ratio plan (found by bisection over ``channel_ratio``) whose pruned network's multiply-adds are
+    at most ``flops_target`` (a fraction such as 0.5) of the original's."""
     if not 0 < flops_target <= 1:
         raise ValueError(f"flops_target must be in (0, 1], got {flops_target}")
     budget = multiply_adds(rnet) * flops_target
     low, high, best = 0.0, 0.95, None
     for _ in range(12):
         ratio = (low + high) / 2
-        candidate = prune_channels(rnet, plan_by_ratio(rnet, ratio, importance, round_to, global_ranking, ignore))
-        if multiply_adds(candidate) <= budget:
-            best, high = candidate, ratio
+        plan = plan_by_ratio(rnet, ratio, importance, round_to, global_ranking, ignore)
+        if multiply_adds(prune_channels(rnet, plan)) <= budget:
+            best, high = plan, ratio
         else:
             low = ratio
     if best is None:
         raise PruningError(f"no channel ratio up to {high:.2f} brings the MACs down to {flops_target:.0%}")
     return best
+
+
+def prune(rnet, channel_ratio: float = 0.5, importance: Importance = "l2", round_to: int | None = None,
+          global_ranking: bool = False, ignore: Iterable[str] = (), flops_target: float | None = None):
+    """One call: remove ``channel_ratio`` of every prunable group's channels (least important first).
+
+    With ``flops_target`` (a fraction such as 0.5) the ratio is found by bisection so that the pruned network's
+    multiply-adds are at most that fraction of the original's (:func:`plan_for_flops`).
+    """
+    if flops_target is None:
+        return prune_channels(rnet, plan_by_ratio(rnet, channel_ratio, importance, round_to, global_ranking, ignore))
+    return prune_channels(rnet, plan_for_flops(rnet, flops_target, importance, round_to, global_ranking, ignore))
