@@ -1,15 +1,17 @@
-"""The ``amc`` command line: ``amc inspect MODEL`` prints a captured network's node table."""
+"""The ``amc`` command line: ``amc inspect MODEL`` prints a network's node table; ``amc prune MODEL`` prunes it."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 import torch
 
+from graph.errors import GraphError
 
-def _load_network(model: str, input_size: tuple[int, ...]):
-    import os
 
+def load_network(model: str, input_size: tuple[int, ...]):
+    """A saved network file, or the torchvision model of that name (random weights) captured at ``input_size``."""
     if os.path.exists(model):
         from graph.serialization import load
 
@@ -24,33 +26,93 @@ def _load_network(model: str, input_size: tuple[int, ...]):
     return capture(network, torch.randn(*input_size))
 
 
+def _input_size(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(s) for s in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--input-size must be comma-separated integers, got {text!r}") from None
+
+
 def inspect_command(args: argparse.Namespace) -> int:
-    """Print every node (name, op, output shape, parameters) with totals."""
-    rnet = _load_network(args.model, tuple(int(s) for s in args.input_size.split(",")))
-    print(f"{'node':40s} {'op':36s} {'output shape':24s} {'params':>12s}")
-    total = 0
-    for node in rnet.layer_nodes:
-        module = rnet.module_of(node)
-        params = sum(p.numel() for p in module.parameters(recurse=True)) if node.op not in ("input",) else 0
-        total += params
-        print(f"{node.name[:40]:40s} {node.op[:36]:36s} {str(node.out_shape)[:24]:24s} {params:12,d}")
-    unique = sum(p.numel() for p in rnet.parameters())
-    print(f"{len(rnet.layer_nodes)} nodes, {unique:,d} parameters")
+    """Print every node (name, op, output shape, parameters, MACs) with totals; draw the graph with ``--draw``."""
+    rnet = load_network(args.model, args.input_size)
+    print(rnet.flops())
+    if args.draw:
+        print(f"graph drawn to {rnet.draw(args.draw)}")
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``amc`` console script."""
+def _group_table(plan: dict, limit: int) -> str:
+    rows = [f"{'group':>6s} {'channels':>9s} {'kept':>6s}  nodes"]
+    for group, removed in sorted(plan.items(), key=lambda item: item[0].id)[:limit]:
+        nodes = group.nodes
+        where = ", ".join(nodes[:3]) + (f", ... ({len(nodes)} nodes)" if len(nodes) > 3 else "")
+        rows.append(f"{group.id:6d} {group.size:9d} {group.size - len(removed):6d}  {where}")
+    if len(plan) > limit:
+        rows.append(f"... {len(plan) - limit} more groups")
+    return "\n".join(rows)
+
+
+def prune_command(args: argparse.Namespace) -> int:
+    """Prune a network's channels by ratio or to a MACs target, print before/after and the per-group table, save."""
+    from graph.pruning import multiply_adds, plan_by_ratio, plan_for_flops, prune_channels
+    from graph.serialization import save, writer_for
+
+    if args.output:
+        writer_for(args.output)
+    rnet = load_network(args.model, args.input_size)
+    options = dict(importance=args.importance, round_to=args.round_to, global_ranking=args.global_ranking,
+                   ignore=args.ignore)
+    if args.flops_target is not None:
+        plan = plan_for_flops(rnet, args.flops_target, **options)
+    else:
+        plan = plan_by_ratio(rnet, args.channel_ratio, **options)
+    pruned = prune_channels(rnet, plan)
+    before = (sum(p.numel() for p in rnet.parameters()), multiply_adds(rnet))
+    after = (sum(p.numel() for p in pruned.parameters()), multiply_adds(pruned))
+    print(_group_table(plan, args.max_groups))
+    print(f"{'':10s} {'before':>16s} {'after':>16s} {'ratio':>7s}")
+    for label, old, new in (("params", before[0], after[0]), ("MACs", before[1], after[1])):
+        print(f"{label:10s} {old:16,d} {new:16,d} {new / max(old, 1):7.3f}")
+    if args.output:
+        print(f"saved to {save(pruned, args.output)}")
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="amc", description="Capture, inspect and compress PyTorch networks.")
     commands = parser.add_subparsers(dest="command", required=True)
-    inspect = commands.add_parser("inspect", help="print a network's node table")
-    inspect.add_argument("model", help="torchvision model name or saved network (.pkl/.json/.vnmodel)")
-    inspect.add_argument("--input-size", default="1,3,224,224", help="example input shape, comma-separated")
+    model_help = "torchvision model name (random weights) or saved network (.pkl/.json/.vnmodel)"
+    size_help = "example input shape for a torchvision model, comma-separated"
+
+    inspect = commands.add_parser("inspect", help="print a network's node table (op, shape, params, MACs)")
+    inspect.add_argument("model", help=model_help)
+    inspect.add_argument("--input-size", type=_input_size, default=(1, 3, 224, 224), help=size_help)
+    inspect.add_argument("--draw", metavar="PATH", help="also draw the graph (.svg, .pdf, .png or .dot)")
     inspect.set_defaults(run=inspect_command)
-    args = parser.parse_args(argv)
+
+    prune = commands.add_parser("prune", help="remove channels and save the smaller network")
+    prune.add_argument("model", help=model_help)
+    prune.add_argument("--input-size", type=_input_size, default=(1, 3, 224, 224), help=size_help)
+    target = prune.add_mutually_exclusive_group()
+    target.add_argument("--channel-ratio", type=float, default=0.5, help="fraction of each group's channels to remove")
+    target.add_argument("--flops-target", type=float, help="prune until MACs are at most this fraction")
+    prune.add_argument("--importance", default="l2", choices=("l1", "l2", "random"), help="channel importance")
+    prune.add_argument("--round-to", type=int, help="keep channel counts at multiples of this")
+    prune.add_argument("--global-ranking", action="store_true", help="rank channels across groups")
+    prune.add_argument("--ignore", nargs="*", default=[], metavar="NODE", help="node names whose groups stay intact")
+    prune.add_argument("--max-groups", type=int, default=40, help="rows of the group table to print")
+    prune.add_argument("-o", "--output", help="where to save the pruned network (.pkl, .json or .vnmodel)")
+    prune.set_defaults(run=prune_command)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``amc`` console script; returns the exit status (2 for bad input)."""
+    args = _parser().parse_args(argv)
     try:
         return args.run(args)
-    except (ValueError, OSError) as error:
+    except (ValueError, OSError, GraphError) as error:
         print(f"amc: {error}", file=sys.stderr)
         return 2
 

@@ -43,4 +43,22 @@ def load(path: str | os.PathLike) -> ReconstructedNetwork:
                           "torch.save or JSON file)")
 
 
-__all__ = ["load", "save_pkl", "save_json", "save_vnmodel", "read_vnmodel_header"]
+_WRITERS_BY_SUFFIX: dict[str, Callable[[ReconstructedNetwork, str], str]] = {
+    ".pkl": save_pkl, ".pt": save_pkl, ".json": save_json, ".vnmodel": save_vnmodel}
+
+
+def writer_for(path: str | os.PathLike) -> Callable[[ReconstructedNetwork, str], str]:
+    """The save function for ``path``'s suffix; ``ValueError`` naming the known suffixes otherwise."""
+    writer = _WRITERS_BY_SUFFIX.get(os.path.splitext(os.fspath(path))[1].lower())
+    if writer is None:
+        raise ValueError(f"cannot tell the format of {os.fspath(path)!r} from its suffix: use one of "
+                         f"{', '.join(sorted(_WRITERS_BY_SUFFIX))}")
+    return writer
+
+
+def save(network: ReconstructedNetwork, path: str | os.PathLike) -> str:
+    """Save ``network`` in the format named by ``path``'s suffix (``.pkl``, ``.json`` or ``.vnmodel``)."""
+    return writer_for(path)(network, os.fspath(path))
+
+
+__all__ = ["load", "save", "writer_for", "save_pkl", "save_json", "save_vnmodel", "read_vnmodel_header"]
