@@ -370,10 +370,22 @@ class ReconstructedNetwork(nn.Module):
             if value != expected:
                 names = [n.name for n in self.graph_nodes]
                 what = "training mode" if "training" in repr(expr) else "input shape"
+                hint = (" A size was 1 when captured, and code often special-cases size 1 (broadcasting, batch of "
+                        "one): capture with sizes of at least 2 to replay at any size."
+                        if 1 in self._captured_sizes(expr) else "")
                 raise ReplayError(
                     f"replay diverges from the captured forward: at {source}, {describe_expr(expr, names)} was "
                     f"{expected!r} when captured but is {value!r} now. The forward branches on the {what} there, "
-                    f"so capture again with an input of this shape (or in this mode).")
+                    f"so capture again with an input of this shape (or in this mode).{hint}")
+
+    def _captured_sizes(self, expr: Any) -> set[int]:
+        """The captured values of the tensor sizes an expression reads."""
+        if not isinstance(expr, tuple) or not expr:
+            return set()
+        if expr[0] == "size" and isinstance(expr[1], Ref) and not expr[1].path:
+            shape = self.graph_nodes[expr[1].index].out_shape
+            return {shape[expr[2]]} if isinstance(shape, tuple) and -len(shape) <= expr[2] < len(shape) else set()
+        return set().union(*(self._captured_sizes(e) for e in expr[1:]))
 
     # ------------------------------------------------------------------ copying
     def __getstate__(self) -> dict:
