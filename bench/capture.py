@@ -21,7 +21,6 @@ import os
 import platform
 import resource
 import statistics
-import subprocess
 import sys
 import time
 from typing import Any
@@ -34,36 +33,13 @@ import torchvision  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
+from bench.zoo import (build, native_size, relative_error, run_json_child, write_atomically,  # noqa: E402
+                       zoo_names)
 from graph import capture  # noqa: E402
 from graph.capture import iter_tensors  # noqa: E402
 
-BACKBONE_SUFFIX = ".backbone"
-NATIVE_SIZES = {"inception_v3": 299, "ssd300_vgg16.backbone": 300, "ssdlite320_mobilenet_v3_large.backbone": 320}
 EXACT_TOLERANCE = 1e-4
 DEFAULT_OUT = os.path.join(ROOT, "bench", "results", "capture.md")
-
-
-def zoo_names() -> list[str]:
-    """Every classification and segmentation model name, then ``<detection model>.backbone`` for each detector."""
-    models = torchvision.models
-    return (models.list_models(module=models) + models.list_models(module=models.segmentation)
-            + [name + BACKBONE_SUFFIX for name in models.list_models(module=models.detection)])
-
-
-def build(name: str) -> torch.nn.Module:
-    """The eval-mode model called ``name`` with random weights (no download, backbones included)."""
-    models = torchvision.models
-    if name.endswith(BACKBONE_SUFFIX):
-        detector = models.get_model(name[: -len(BACKBONE_SUFFIX)], weights=None, weights_backbone=None)
-        return detector.backbone.eval()
-    if name in models.list_models(module=models.segmentation):
-        return models.get_model(name, weights=None, weights_backbone=None).eval()
-    return models.get_model(name, weights=None).eval()
-
-
-def native_size(name: str, model: torch.nn.Module) -> int:
-    """The image side the model was designed for (ViTs fix it in ``image_size``)."""
-    return getattr(model, "image_size", NATIVE_SIZES.get(name, 224))
 
 
 class _CreatedTensorBytes(TorchDispatchMode):
@@ -90,16 +66,6 @@ def _rss_bytes() -> int:
 
 def _peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def _relative_error(reference: Any, replayed: Any) -> float:
-    pairs = list(zip(iter_tensors(reference), iter_tensors(replayed), strict=True))
-    worst = 0.0
-    for (path_a, a), (path_b, b) in pairs:
-        if path_a != path_b or a.shape != b.shape:
-            return float("inf")
-        worst = max(worst, float((a - b).abs().max()) / max(1.0, float(a.abs().max())))
-    return worst
 
 
 def _timings(original, replayed, x: torch.Tensor, repeats: int) -> tuple[float, float, float]:
@@ -143,7 +109,7 @@ def measure(name: str, repeats: int) -> dict:
             model(x1)
         activation_bytes = sum(counter.storages.values())
         del counter
-        errors = [_relative_error(model(x), net(x)) for x in (x1, x2)]
+        errors = [relative_error(model(x), net(x)) for x in (x1, x2)]
         original_s, replay_s, overhead = _timings(model, net, x1, repeats)
     return {"name": name, "size": size, "nodes": len(net.graph_nodes), "capture_s": capture_s,
             "error_b1": errors[0], "error_b2": errors[1], "original_s": original_s, "replay_s": replay_s,
@@ -156,15 +122,7 @@ def run_child(name: str, repeats: int, threads: int, timeout: float) -> dict:
     """Measure one model in a fresh interpreter; failures and timeouts come back as ``{"error": ...}``."""
     command = [sys.executable, os.path.abspath(__file__), "--child", name, "--repeats", str(repeats),
                "--threads", str(threads)]
-    try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return {"name": name, "error": f"timeout after {timeout:.0f} s"}
-    lines = done.stdout.strip().splitlines()
-    if done.returncode != 0 or not lines:
-        tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
-        return {"name": name, "error": f"exit {done.returncode}: {tail[:200]}"}
-    return json.loads(lines[-1])
+    return run_json_child(command, name, timeout)
 
 
 def _row(result: dict) -> str:
@@ -214,14 +172,6 @@ def report(results: list[dict], command: str, threads: int, repeats: int, wall_s
     return "\n".join(lines)
 
 
-def _write_atomically(path: str, text: str) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    temporary = f"{path}.tmp{os.getpid()}"
-    with open(temporary, "w") as handle:
-        handle.write(text)
-    os.replace(temporary, path)
-
-
 def main(argv: list[str] | None = None) -> None:
     """Command line: measure the zoo (or ``--models``) and write the markdown report."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -247,7 +197,7 @@ def main(argv: list[str] | None = None) -> None:
         tqdm.write(_row(results[-1]))
     command = "python bench/capture.py" + "".join(f" {a}" for a in (argv if argv is not None else sys.argv[1:]))
     text = report(results, command, args.threads, args.repeats, time.perf_counter() - start)
-    _write_atomically(args.out, text)
+    write_atomically(args.out, text)
     print(text)
 
 

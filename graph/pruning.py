@@ -199,11 +199,15 @@ def _keep_count(size: int, ratio: float, round_to: int | None) -> int:
 
 def plan_by_ratio(rnet, channel_ratio: float, importance: Importance = "l2", round_to: int | None = None,
                   global_ranking: bool = False, ignore: Iterable[str] = ()) -> dict[ChannelGroup, list[int]]:
-    """Choose the least important channels of every prunable group (or globally) to remove ``channel_ratio``."""
+    """Choose the least important channels of every prunable group (or globally) to remove ``channel_ratio``.
+
+    Groups marked ``explicit_only`` (a transformer's residual hidden size) are left out: name them in a plan.
+    """
     if not 0 <= channel_ratio < 1:
         raise ValueError(f"channel_ratio must be in [0, 1), got {channel_ratio}")
     ignore = set(ignore)
-    groups = [g for g in dependency_graph(rnet).groups if g.prunable and not ignore & set(g.nodes)]
+    groups = [g for g in dependency_graph(rnet).groups
+              if g.prunable and not g.explicit_only and not ignore & set(g.nodes)]
     reduced: dict = {}
     scores = {g: group_importance(rnet, g, importance, reduced) for g in groups}
     keep = {g: _keep_count(g.size, channel_ratio, round_to) for g in groups}
@@ -218,14 +222,10 @@ def plan_by_ratio(rnet, channel_ratio: float, importance: Importance = "l2", rou
 
 
 def multiply_adds(rnet) -> int:
-    """Multiply-adds of one forward at the captured input shapes, counted by ``torch.utils.flop_counter``."""
-    from torch.utils.flop_counter import FlopCounterMode
+    """Multiply-adds of one forward at the captured input shapes (:func:`graph.flops.count_flops`)."""
+    from .flops import count_flops
 
-    args, kwargs = rnet.example_inputs()
-    counter = FlopCounterMode(display=False)
-    with counter, torch.no_grad():
-        rnet(*args, **kwargs)
-    return counter.get_total_flops() // 2
+    return count_flops(rnet).total_macs
 
 
 def plan_for_flops(rnet, flops_target: float, importance: Importance = "l2", round_to: int | None = None,
