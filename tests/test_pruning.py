@@ -16,7 +16,7 @@ from graph.pruning import plan_by_ratio, prune
 from models import assert_outputs_close
 from test_dependency import (AttentionNet, ChannelsLastNet, ConcatNet, DepthwiseNet, FlattenNet, GroupedNet, NormNet,
                              PixelShuffleNet, ResidualNet, SliceNet, SplitNet, SqueezeExciteNet, captured, group_with,
-                             input_for)
+                             input_for, members_of, positions_of)
 
 # (net, {(node, position): indices removed from the group holding node.weight[0][position]}, hand-counted
 # parameters after pruning)
@@ -221,3 +221,108 @@ def test_convnext_inexact_groups_prune_to_a_working_network():
     out.square().mean().backward()
     assert all(p.grad is not None and p.grad.shape == p.shape for p in pruned.parameters())
     assert parameter_count(pruned) < 0.6 * parameter_count(model)
+
+
+class MultiheadNet(nn.Module):
+    """A residual block around ``nn.MultiheadAttention`` (16 wide, 4 heads of 4)."""
+
+    def __init__(self, batch_first: bool, need_weights: bool = False):
+        super().__init__()
+        self.batch_first, self.need_weights = batch_first, need_weights
+        self.embed, self.head = nn.Linear(4, 16), nn.Linear(16, 3)
+        self.attn = nn.MultiheadAttention(16, 4, batch_first=batch_first)
+
+    def forward(self, x):
+        h = self.embed(x)
+        a, _ = self.attn(h, h, h, need_weights=self.need_weights)
+        return self.head(h + a)
+
+
+def _multihead_case(batch_first: bool):
+    torch.manual_seed(0)
+    model = MultiheadNet(batch_first).eval()
+    x = torch.randn(2, 5, 4) if batch_first else torch.randn(5, 2, 4)
+    return model, x, capture(model, x)
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_multihead_attention_heads_prune_like_zeroing_their_out_proj_columns(batch_first):
+    model, x, rnet = _multihead_case(batch_first)
+    heads = group_with(rnet, "attn", "in_proj_weight")
+    assert (heads.size, heads.prunable, heads.exact, heads.explicit_only) == (4, True, True, True)
+    assert heads not in plan_by_ratio(rnet, 0.5)
+    assert positions_of(heads, "attn", "out_proj.weight", 1) == [list(range(4 * h, 4 * h + 4)) for h in range(4)]
+    masked = copy.deepcopy(model)
+    with torch.no_grad():
+        masked.attn.out_proj.weight[:, 4:8] = 0
+        pruned = rnet.prune_channels({heads: [1]})
+        out, want = pruned(x), masked(x)
+    assert_outputs_close(want, out)
+    assert (want - model(x)).abs().max() > 1e-4
+    attn = pruned.module_of(pruned.node("attn"))
+    assert (attn.num_heads, attn.head_dim, attn.in_proj_weight.shape) == (3, 4, (36, 16))
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_multihead_attention_embed_channels_prune_like_zeroing_their_consumers(batch_first):
+    model, x, rnet = _multihead_case(batch_first)
+    width = group_with(rnet, "embed")
+    assert width.size == 16 and width.prunable and ("attn", "out_proj.weight", 0) in members_of(width)
+    masked = copy.deepcopy(model)
+    with torch.no_grad():
+        for weight in (masked.attn.in_proj_weight, masked.head.weight):
+            weight[:, [0, 3, 9]] = 0
+        pruned = rnet.prune_channels({width: [0, 3, 9]})
+        out, want = pruned(x), masked(x)
+    assert_outputs_close(want, out)
+    pruned.train()
+    pruned(x).square().mean().backward()
+    attn = pruned.module_of(pruned.node("attn"))
+    assert (attn.embed_dim, attn.out_proj.weight.shape) == (13, (13, 16))
+    assert attn.in_proj_weight.grad.shape == (48, 13)
+
+
+def test_multihead_attention_heads_are_inexact_when_averaged_weights_are_returned():
+    torch.manual_seed(0)
+    model = MultiheadNet(True, need_weights=True).eval()
+    rnet = capture(model, torch.randn(2, 5, 4))
+    heads = group_with(rnet, "attn", "in_proj_weight")
+    assert heads.prunable and not heads.exact
+
+
+def test_small_vision_transformer_prunes_heads_and_mlp_like_zeroing_their_output_columns():
+    torch.manual_seed(0)
+    model = torchvision.models.VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=4,
+                                                 hidden_dim=32, mlp_dim=64, num_classes=10).eval()
+    nn.init.normal_(model.heads.head.weight)  # torchvision zero-initialises the classifier
+    x = torch.randn(2, 3, 32, 32)
+    rnet = capture(model, x)
+    masked = copy.deepcopy(model)
+    plan = {}
+    with torch.no_grad():
+        for layer in range(2):
+            prefix = f"encoder.layers.encoder_layer_{layer}"
+            heads = group_with(rnet, f"{prefix}.self_attention", "in_proj_weight")
+            mlp = group_with(rnet, f"{prefix}.mlp.0")
+            assert (heads.size, heads.exact, mlp.size, mlp.exact) == (4, True, 64, True)
+            plan[heads], plan[mlp] = [2], [1, 7, 30]
+            block = getattr(masked.encoder.layers, f"encoder_layer_{layer}")
+            block.self_attention.out_proj.weight[:, 16:24] = 0
+            block.mlp[3].weight[:, [1, 7, 30]] = 0
+        out, want = rnet.prune_channels(plan)(x), masked(x)
+    assert_outputs_close(want, out)
+    assert (want - model(x)).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("name", ["swin_t", "swin_v2_t"])
+def test_swin_exact_groups_prune_like_masking(name):
+    torch.manual_seed(0)
+    model = getattr(torchvision.models, name)(weights=None).eval()
+    x = torch.randn(1, 3, 64, 64)
+    rnet = capture(model, x)
+    plan = {g: indices for g, indices in plan_by_ratio(rnet, 0.5).items() if g.exact}
+    assert len(plan) >= 12  # at least every block's MLP (2 + 2 + 6 + 2 blocks)
+    with torch.no_grad():
+        pruned, masked = rnet.prune_channels(plan)(x), rnet.mask_channels(plan)(x)
+    assert_outputs_close(masked, pruned)
+    assert (masked - model(x)).abs().max() > 1e-4

@@ -33,6 +33,8 @@ class ChannelGroup:
 
     ``prunable`` is False when a channel reaches the network's inputs or outputs or passes an op with no rule
     (``reason`` says which); ``exact`` is False when removal changes other values (normalisation over channels).
+    ``explicit_only`` groups (the hidden size of a transformer's residual stream) are prunable but skipped by
+    automatic plans; ``reason`` then says why.
     """
 
     id: int
@@ -42,6 +44,7 @@ class ChannelGroup:
     exact: bool
     reason: str | None
     components: np.ndarray = field(repr=False)
+    explicit_only: bool = False
 
     def __hash__(self) -> int:
         return hash(self.id)
@@ -53,7 +56,8 @@ class ChannelGroup:
 
     def describe(self) -> str:
         """One line: id, size, flags and the members' nodes."""
-        flags = ("prunable" if self.prunable else f"fixed: {self.reason}") + ("" if self.exact else ", inexact")
+        flags = ("prunable" if self.prunable else f"fixed: {self.reason}") + ("" if self.exact else ", inexact") + (
+            f", only when named: {self.reason}" if self.explicit_only else "")
         return f"group {self.id}: {self.size} channels, {flags}; " + ", ".join(
             f"{m.node}.{m.tensor}[{m.dim}]" for m in self.members)
 
@@ -66,7 +70,9 @@ class DependencyGraph:
         self.record = ElementRecord()
         self.values: dict[tuple[int, tuple], Labeling] = {}
         self.members: list[Member] = []
+        self.member_at: dict[tuple[int, str, int], Member] = {}
         self.size_args: list[SizeArg] = []
+        self.size_constraints: list[tuple[np.ndarray, np.ndarray, str]] = []
         self.rewrites: list[tuple[int, Any]] = []
         self.unsupported: dict[str, str] = {}
         for index, node in enumerate(rnet.graph_nodes):
@@ -114,10 +120,11 @@ class DependencyGraph:
                 self.record.union(members[0].ids, other.ids)
 
     def _resolve(self) -> np.ndarray:
-        """Components, after forcing multi-dim labelings to be sliceable (one free dim, the innermost)."""
+        """Components, after forcing multi-dim labelings to be sliceable (one free dim, the innermost) and computed
+        sizes to follow the channels they read."""
         component = self.record.components()
         for _ in range(3):
-            added = False
+            added = self._enforce_size_constraints(component)
             for factor in (f for labeling in self.values.values() for f in labeling.factors if len(f.dims) > 1):
                 comps = component[factor.ids]
                 varying = [axis for axis in range(comps.ndim) if comps.shape[axis] > 1 and not np.all(
@@ -131,12 +138,25 @@ class DependencyGraph:
             component = self.record.components()
         return component
 
+    def _enforce_size_constraints(self, component: np.ndarray) -> bool:
+        """Couple (and block) each computed-size dim whose elements are not coupled with the sizes it reads."""
+        added = False
+        for ids, sources, reason in self.size_constraints:
+            if ids.shape[0] > 1 and not np.isin(component[ids], component[sources]).all():
+                self.record.union(ids[:1], ids)
+                if ids.ndim == 1:
+                    self.record.block(ids, reason)
+                added = True
+        self.size_constraints = [c for c in self.size_constraints if np.isin(component[c[0]], component[c[1]]).all()]
+        return added
+
     def _make_groups(self) -> list[ChannelGroup]:
         """One group per distinct signature: which members a component touches and at how many positions each."""
         component = self.component
         entries = _MemberEntries(component, self.members)
         blocked_by = _first_mark(component, self.record.blocked)
         inexact = _first_mark(component, self.record.inexact) >= 0
+        explicit_by = _first_mark(component, self.record.explicit)
         signature_of, first_seen = entries.signatures(blocked_by >= 0)
         names = [n.name for n in self.rnet.graph_nodes]
         groups = []
@@ -147,8 +167,12 @@ class DependencyGraph:
                                    self.members[m].role, positions)
                        for m, positions in entries.positions(comps)]
             reason = self.record.blocked[blocked_by[comps[0]]][1] if blocked_by[comps[0]] >= 0 else None
-            groups.append(ChannelGroup(0, len(comps), members, reason is None, not inexact[comps].any(), reason,
-                                       comps))
+            explicit = reason is None and bool((explicit_by[comps] >= 0).any())
+            if explicit:
+                reason = self.record.explicit[explicit_by[comps][explicit_by[comps] >= 0][0]][1]
+            prunable = bool(blocked_by[comps[0]] < 0)
+            groups.append(ChannelGroup(0, len(comps), members, prunable, not inexact[comps].any(), reason, comps,
+                                       explicit))
         order = {name: i for i, name in enumerate(names)}
         groups.sort(key=lambda g: (min(order[m.node] for m in g.members), g.size))
         for i, group in enumerate(groups):

@@ -88,7 +88,17 @@ class RuleContext:
     def member(self, tensor: str, dim: int, ids: np.ndarray | None, role: str) -> None:
         """Declare that this node's ``tensor`` (attribute path of its module) is sliced along ``dim`` by ``ids``."""
         if ids is not None:
-            self._analysis.members.append(Member(self.index, tensor, dim, np.asarray(ids), role))
+            member = Member(self.index, tensor, dim, np.asarray(ids), role)
+            self._analysis.members.append(member)
+            self._analysis.member_at[(self.index, tensor, dim)] = member
+
+    def consumed(self, ref: Any, dims: list[int]) -> None:
+        """A parameter node's ``dims`` are contracted here: masking zeroes them (its members get role ``in``)."""
+        if isinstance(ref, Ref) and not ref.path:
+            for dim in dims:
+                member = self._analysis.member_at.get((ref.index, "value", dim))
+                if member is not None:
+                    member.role = "in"
 
     def size_arg(self, path: tuple, ids: np.ndarray | None) -> None:
         """Declare that the constant at ``path`` (``("args", i, ...)`` or ``("kwargs", name, ...)``) counts ``ids``."""
@@ -114,8 +124,24 @@ class RuleContext:
         if ids is not None and ids.size:
             self.record.mark_inexact(ids, f"{reason} at {self.node.describe()}")
 
-    def collapse(self, labeling: Labeling | None, dim: int) -> Labeling | None:
-        """Couple all positions along ``dim`` so it is never sliced; ``None`` when no labelled dim is left."""
+    def size_constraint(self, ids: np.ndarray, sources: np.ndarray, reason: str) -> None:
+        """A dim (``ids``, positions along axis 0) whose size is computed from the sizes of ``sources``: unless its
+        elements end up coupled with those sources, its positions are coupled (never sliced) after resolution."""
+        self._analysis.size_constraints.append((np.asarray(ids), np.asarray(sources).ravel(),
+                                                f"{reason} at {self.node.describe()}"))
+
+    def explicit_only(self, labeling: Labeling | Factor | np.ndarray | None, reason: str) -> None:
+        """Automatic plans (``plan_by_ratio``) leave these elements alone; a plan naming their group prunes them."""
+        ids = _ids(labeling)
+        if ids is not None and ids.size:
+            self.record.mark_explicit(ids, reason)
+
+    def collapse(self, labeling: Labeling | None, dim: int,
+                 reason: str = "all channels of a dim are coupled") -> Labeling | None:
+        """Couple all positions along ``dim`` so it is never sliced; ``None`` when no labelled dim is left.
+
+        A factor left with no dim is blocked with ``reason``.
+        """
         if labeling is None:
             return None
         factor = labeling.factor_at(dim)
@@ -126,7 +152,7 @@ class RuleContext:
         self.record.union(moved[:1], moved)
         dims = tuple(d for d in factor.dims if d != dim % labeling.rank)
         if not dims:
-            self.record.block(moved[0], f"all channels of a dim are coupled at {self.node.describe()}")
+            self.record.block(moved[0], f"{reason} at {self.node.describe()}")
             return labeling.replace(factor, None)
         return labeling.replace(factor, Factor(dims, moved[0]))
 

@@ -2,9 +2,10 @@
 
 Every prunable channel position of every tensor carries an *element id*. A :class:`Labeling` says which dims of a
 tensor carry ids and holds them as an array over those dims (several dims when a channel dim was split, e.g. heads
-x head_dim). Ops add *unions* (two elements must be removed together), *blocks* (an element must never be removed)
-and *inexact* marks (removing it changes other values, e.g. through a normalisation over channels). Unions are
-resolved at the end with ``scipy.sparse.csgraph.connected_components``.
+x head_dim). Ops add *unions* (two elements must be removed together), *blocks* (an element must never be removed),
+*explicit* marks (only a plan naming the group removes it) and *inexact* marks (removing it changes other values,
+e.g. through a normalisation over channels). Unions are resolved at the end with
+``scipy.sparse.csgraph.connected_components``.
 """
 from __future__ import annotations
 
@@ -73,6 +74,7 @@ class ElementRecord:
     union_b: list[np.ndarray] = field(default_factory=list)
     blocked: list[tuple[np.ndarray, str]] = field(default_factory=list)
     inexact: list[tuple[np.ndarray, str]] = field(default_factory=list)
+    explicit: list[tuple[np.ndarray, str]] = field(default_factory=list)
 
     def new(self, shape: tuple[int, ...]) -> np.ndarray:
         """Fresh element ids arranged in ``shape``."""
@@ -100,6 +102,10 @@ class ElementRecord:
     def mark_inexact(self, ids: np.ndarray, reason: str) -> None:
         """Mark elements whose removal changes the remaining values (masking is not equivalent)."""
         self.inexact.append((np.asarray(ids).ravel(), reason))
+
+    def mark_explicit(self, ids: np.ndarray, reason: str) -> None:
+        """Mark elements that automatic plans leave alone (pruned only when a plan names their group)."""
+        self.explicit.append((np.asarray(ids).ravel(), reason))
 
     def components(self) -> np.ndarray:
         """Component label of every element after all unions."""

@@ -67,20 +67,58 @@ def broadcast_rule(ctx: RuleContext) -> None:
         fixed = any(shape[dim] == out_shape[dim] and (lab is None or lab.factor_at(dim) is None)
                     for shape, lab in operands)
         if fixed:
-            operands = [(shape, ctx.collapse(lab, dim)) for shape, lab in operands]
+            operands = [(shape, ctx.collapse(lab, dim, _FIXED_REASON)) for shape, lab in operands]
+    operands = _unsplit_shared_dims(ctx, [lab for _, lab in operands])
     merged: dict[tuple[int, ...], np.ndarray] = {}
-    for _, labeling in operands:
+    for labeling in operands:
         for factor in labeling.factors if labeling else ():
-            overlapping = [dims for dims in merged if set(dims) & set(factor.dims)]
             if factor.dims in merged:
                 ctx.record.union(merged[factor.dims], factor.ids)
-            elif overlapping:
-                ctx.block(factor, "operands split a channel dim differently")
-                for dims in overlapping:
-                    ctx.block(merged.pop(dims), "operands split a channel dim differently")
             else:
                 merged[factor.dims] = factor.ids
     ctx.set_output(Labeling(rank, tuple(Factor(d, i) for d, i in merged.items())) if merged else None)
+
+
+_FIXED_REASON = ("meets a full-size dim of a tensor that is never sliced (e.g. head_dim: rotary pairs its halves), so "
+                 "these channels (a per-head norm weight, rotary frequencies) stay intact")
+_SHARED_REASON = ("a tensor shared by every slice of the other dims (rotary cos/sin, a per-head norm weight) "
+                  "meets this dim, so it is never partially pruned")
+
+
+def _unsplit_shared_dims(ctx: RuleContext, labelings: list[Labeling | None]) -> list[Labeling | None]:
+    """Resolve operands whose factors split overlapping dims differently (heads x head_dim meeting head_dim only).
+
+    A narrower factor computed from the wider one (a per-head statistic) is coupled with it and the wider one's extra
+    dims collapse; an independent one (rotary cos/sin, a norm weight) is blocked and the shared dims collapse, so the
+    wider factor's own dims (the heads) stay prunable.
+    """
+    while True:
+        clash = _first_clash(labelings)
+        if clash is None:
+            return labelings
+        i, wide, j, narrow = clash
+        derived = set(narrow.dims) < set(wide.dims) and np.isin(narrow.ids, wide.ids).all()
+        if derived:
+            for dim in set(wide.dims) - set(narrow.dims):
+                labelings[i] = ctx.collapse(labelings[i], dim)
+            continue
+        for dim in set(wide.dims) & set(narrow.dims):
+            for k in (i, j):
+                factor = labelings[k].factor_at(dim) if labelings[k] is not None else None
+                if factor is not None and len(factor.dims) == 1:
+                    ctx.block(factor, _SHARED_REASON)
+                labelings[k] = ctx.collapse(labelings[k], dim)
+
+
+def _first_clash(labelings: list[Labeling | None]):
+    """``(i, wide, j, narrow)``: two factors of different operands over overlapping but different dims."""
+    for i, first in enumerate(labelings):
+        for j in range(i + 1, len(labelings)):
+            for a in first.factors if first else ():
+                for b in labelings[j].factors if labelings[j] else ():
+                    if a.dims != b.dims and set(a.dims) & set(b.dims):
+                        return (i, a, j, b) if len(a.dims) >= len(b.dims) else (j, b, i, a)
+    return None
 
 
 def _dim_argument(ctx: RuleContext, position: int, attribute: str | None = None) -> int | None:

@@ -88,9 +88,12 @@ def linear_rule(ctx: RuleContext) -> None:
 
 @channel_rule("Embedding")
 def embedding_rule(ctx: RuleContext) -> None:
-    """The embedding dim is a new set of channels (the vocabulary is indexed by data and stays)."""
+    """The embedding dim is a new set of channels (the vocabulary is indexed by data and stays); automatic plans
+    leave it alone, since it is the residual width of every layer after it."""
     out_ids = ctx.new((ctx.module.embedding_dim,))
     ctx.member("weight", 1, out_ids, "out")
+    ctx.explicit_only(out_ids, "the hidden size of the residual stream that starts at this embedding: pruned only "
+                               "when a plan names this group")
     ctx.set_output(Labeling.single(len(ctx.out_shape), -1, out_ids))
 
 
@@ -147,8 +150,53 @@ def prelu_rule(ctx: RuleContext) -> None:
     ctx.set_output(ctx.labels(x))
 
 
+def _head_rows(head_ids: np.ndarray, head_dim: int, copies: int) -> np.ndarray:
+    """Ids of the rows of ``copies`` stacked (heads x head_dim) projections: every row of head h carries its id."""
+    return np.tile(np.repeat(head_ids, head_dim), copies)
+
+
+_MHA_EXPLICIT = ("pruning makes this nn.MultiheadAttention a PrunedMultiheadAttention (inner width other than "
+                 "embed_dim), which the savers cannot store yet: pruned only when a plan names this group")
+
+
 @channel_rule("MultiheadAttention")
 def multihead_attention_rule(ctx: RuleContext) -> None:
-    """``nn.MultiheadAttention`` ties its model and inner width (embed_dim), so its channels stay."""
-    for ref in ctx.tensor_args():
-        ctx.block(ctx.labels(ref), "nn.MultiheadAttention's embed_dim is both model and inner width")
+    """``nn.MultiheadAttention`` as projections around attention: query/key/value widths are consumed by the input
+    projections' columns, the output width is new (out_proj rows), and whole heads are q/k/v rows of a head with its
+    out_proj columns. After pruning the module runs with an inner width other than ``embed_dim`` (layer_sync)."""
+    module = ctx.module
+    query, key, value = ctx.arg(0, "query"), ctx.arg(1, "key"), ctx.arg(2, "value")
+    refs = [ref for ref in ctx.tensor_args() if ref not in (query, key, value)]
+    for ref in refs:
+        ctx.block(ctx.labels(ref), "an attention mask of nn.MultiheadAttention")
+    unsupported = (len(ctx.shape(query)) != 3 and "unbatched input") or (
+        module.bias_k is not None and "bias_k/bias_v") or (module.add_zero_attn and "add_zero_attn")
+    inputs = [(query, "q_proj_weight"), (key, "k_proj_weight"), (value, "v_proj_weight")]
+    if unsupported:
+        for ref, _ in inputs:
+            ctx.block(ctx.labels(ref), f"nn.MultiheadAttention with {unsupported}")
+        return
+    for ref, weight in inputs:
+        ctx.member("in_proj_weight" if module._qkv_same_embed_dim else weight, 1, ctx.along(ref, -1), "in")
+        labeling = ctx.labels(ref)
+        for factor in labeling.factors if labeling else ():
+            if 2 not in factor.dims:
+                ctx.block(factor, "nn.MultiheadAttention mixes this dim")
+    heads = ctx.new((module.num_heads,))
+    if module._qkv_same_embed_dim:
+        ctx.member("in_proj_weight", 0, _head_rows(heads, module.head_dim, 3), "out")
+    else:
+        for _, weight in inputs:
+            ctx.member(weight, 0, _head_rows(heads, module.head_dim, 1), "out")
+    if module.in_proj_bias is not None:
+        ctx.member("in_proj_bias", 0, _head_rows(heads, module.head_dim, 3), "out")
+    ctx.member("out_proj.weight", 1, _head_rows(heads, module.head_dim, 1), "in")
+    if ctx.arg(4, "need_weights", True):
+        ctx.inexact(heads, "attention weights averaged over heads are returned")
+    out_ids = ctx.new((module.out_proj.out_features,))
+    ctx.member("out_proj.weight", 0, out_ids, "out")
+    if module.out_proj.bias is not None:
+        ctx.member("out_proj.bias", 0, out_ids, "out")
+    for ids in (heads, out_ids, *(ctx.along(ref, -1) for ref, _ in inputs)):
+        ctx.explicit_only(ids, _MHA_EXPLICIT)
+    ctx.set_output(Labeling.single(3, 2, out_ids), (0,))

@@ -99,12 +99,44 @@ def _declare_shape_constants(ctx: RuleContext, labeling: Labeling | None, entrie
             ctx.size_arg(path, np.moveaxis(factor.ids, axis, 0).reshape(factor.ids.shape[axis], -1))
 
 
+_COMPUTED_SIZE = "the target size of this channel dim is computed from sizes that pruning it leaves unchanged"
+
+
+def _size_reads(expr) -> list[tuple[Ref, int]]:
+    """Every ``(tensor, dim)`` whose size a symbolic expression reads."""
+    if isinstance(expr, tuple) and expr and expr[0] == "size":
+        return [(expr[1], expr[2])]
+    if isinstance(expr, (tuple, list)):
+        return [read for item in expr for read in _size_reads(item)]
+    return []
+
+
+def _fix_computed_sizes(ctx: RuleContext, labeling: Labeling | None, entries) -> Labeling | None:
+    """A channel dim whose target size is computed from other sizes must be pruned with the channels it reads
+    (``x.view(b, x.size(1), -1)``, ``kv_heads * n_rep``): checked once components are known; a dim that reads no
+    channel size stays whole."""
+    for dim, (_, value) in enumerate(entries):
+        factor = labeling.factor_at(dim) if labeling is not None else None
+        if factor is None or not isinstance(value, Sym):
+            continue
+        sources = [ctx.labels(ref).factor_at(d) for ref, d in _size_reads(value.expr)
+                   if isinstance(ref, Ref) and ctx.labels(ref) is not None]
+        sources = [source.ids.ravel() for source in sources if source is not None]
+        if sources:
+            ctx.size_constraint(np.moveaxis(factor.ids, factor.dims.index(dim), 0), np.concatenate(sources),
+                                _COMPUTED_SIZE)
+        else:
+            labeling = ctx.collapse(labeling, dim, _COMPUTED_SIZE)
+    return labeling
+
+
 @channel_rule(*_names(("view", "reshape")))
 def view_rule(ctx: RuleContext) -> None:
     """Reshape with an explicit target: constant entries that count channels are rewritten after pruning."""
     _, labeling, in_shape, out_shape = _in_out(ctx)
-    result = reshape_labels(ctx, labeling, in_shape, out_shape)
-    _declare_shape_constants(ctx, result, _shape_entries(ctx))
+    entries = _shape_entries(ctx)
+    result = _fix_computed_sizes(ctx, reshape_labels(ctx, labeling, in_shape, out_shape), entries)
+    _declare_shape_constants(ctx, result, entries)
     ctx.set_output(result)
 
 
@@ -280,7 +312,7 @@ def getitem_rule(ctx: RuleContext) -> None:
     index = ctx.node.args[1]
     index = index if isinstance(index, tuple) else (index,)
     if any(isinstance(i, Ref) or isinstance(i, (list,)) for i in index):
-        ctx.block(labeling, "advanced indexing")
+        _advanced_index(ctx, labeling, index, len(in_shape), len(out_shape))
         return
     explicit = sum(1 for i in index if i is not None and i is not Ellipsis)
     mapping, slices, in_dim, out_dim = {}, {}, 0, 0
@@ -295,6 +327,9 @@ def getitem_rule(ctx: RuleContext) -> None:
             slices[in_dim] = (item, out_dim)
             mapping[in_dim], in_dim, out_dim = out_dim, in_dim + 1, out_dim + 1
         else:
+            factor = labeling.factor_at(in_dim) if labeling is not None else None
+            if factor is not None and len(factor.dims) > 1:
+                labeling = ctx.collapse(labeling, in_dim)
             in_dim += 1
     while in_dim < len(in_shape):
         mapping[in_dim], in_dim, out_dim = out_dim, in_dim + 1, out_dim + 1
@@ -326,6 +361,23 @@ def getitem_rule(ctx: RuleContext) -> None:
     ctx.set_output(Labeling(len(out_shape), tuple(factors)) if factors else None)
 
 
+def _advanced_index(ctx: RuleContext, labeling: Labeling | None, index: tuple, rank: int, out_rank: int) -> None:
+    """``x[idx]`` / ``x[idx, :, ...]`` (a lookup table): the other dims keep their channels; everything else (the
+    indexed dim, the index tensor, other index forms) is blocked."""
+    lookup = isinstance(index[0], Ref) and all(i == slice(None) for i in index[1:])
+    for ref in ctx.tensor_args()[1:]:
+        ctx.block(ctx.labels(ref), "used as an index")
+    if not lookup or labeling is None:
+        ctx.block(labeling, "advanced indexing")
+        return
+    factor = labeling.factor_at(0)
+    if factor is not None:
+        ctx.block(factor, "an index tensor selects along this channel dim")
+        labeling = labeling.replace(factor, None)
+    offset = out_rank - rank
+    ctx.set_output(labeling.remap({d: d + offset for d in range(1, rank)}, out_rank) if labeling else None)
+
+
 def _slice_rewrite(ids: np.ndarray, dim: int, start: int, stop: int, index: tuple):
     def rewrite(node, removed):
         keep = ~removed(ids)
@@ -340,6 +392,25 @@ def _slice_rewrite(ids: np.ndarray, dim: int, start: int, stop: int, index: tupl
         items[position] = new
         node.args = (node.args[0], tuple(items) if isinstance(node.args[1], tuple) else items[0])
     return rewrite
+
+
+@channel_rule(*_names(("roll",)))
+def roll_rule(ctx: RuleContext) -> None:
+    """Channels pass along dims that are not rolled; a rolled channel dim is blocked (removing positions would change
+    which of them wrap around), and a roll of the flattened tensor blocks everything."""
+    _, labeling, in_shape, _ = _in_out(ctx)
+    dims = ctx.arg(2, "dims")
+    if labeling is None:
+        return
+    if dims is None or (isinstance(dims, (tuple, list)) and not dims):
+        ctx.block(labeling, "torch.roll of the flattened tensor mixes every dim")
+        return
+    for dim in ([dims] if isinstance(dims, int) else dims):
+        factor = labeling.factor_at(dim) if labeling is not None else None
+        if factor is not None:
+            ctx.block(factor, "torch.roll shifts along this channel dim (pruning would change what wraps around)")
+            labeling = labeling.replace(factor, None)
+    ctx.set_output(labeling)
 
 
 # ------------------------------------------------------------------ reductions
@@ -358,7 +429,7 @@ def reduce_rule(ctx: RuleContext) -> None:
     reduced = set(range(rank)) if dims is None else {d % rank for d in ((dims,) if isinstance(dims, int) else dims)}
     keepdim = len(out_shape) == rank
     for factor in labeling.factors:
-        if set(factor.dims) & reduced:
+        if set(factor.dims) <= reduced:
             ctx.inexact(factor, "summed over channels")
     for dim in reduced:
         labeling = ctx.collapse(labeling, dim) if labeling is not None and labeling.factor_at(dim) and any(
@@ -390,6 +461,7 @@ def contract(ctx: RuleContext, operands: list[tuple[Ref, str]], output: str, pat
             out_size[letter] = max(out_size.get(letter, 1), size)
     placed: list[tuple[str, Labeling]] = []
     for ref, letters in operands:
+        ctx.consumed(ref, [dim for dim, letter in enumerate(letters) if letter not in output])
         labeling = ctx.labels(ref)
         shape = ctx.shape(ref)
         for dim, letter in enumerate(letters):
@@ -481,6 +553,17 @@ def functional_linear_rule(ctx: RuleContext) -> None:
     if isinstance(bias, Ref):
         operands.append((bias, "z"))
     contract(ctx, operands, batch + "z")
+
+
+@channel_rule(*_names(("addmm",)))
+def addmm_rule(ctx: RuleContext) -> None:
+    """``addmm(bias, x, weight)`` (transformers' ``Conv1D``): x's columns meet weight's rows; bias follows the
+    output columns."""
+    bias, x, weight = ctx.arg(0, "input"), ctx.arg(1, "mat1"), ctx.arg(2, "mat2")
+    operands = [(x, "xy"), (weight, "yz")]
+    if isinstance(bias, Ref):
+        operands.append((bias, "xz"[-len(ctx.shape(bias)):]))
+    contract(ctx, operands, "xz")
 
 
 @channel_rule(*_names(("scaled_dot_product_attention",)))
