@@ -372,3 +372,22 @@ def test_slice_with_computed_bound_fixes_the_sliced_channels():
     group = group_with(captured(ComputedSliceNet()), "c1")
     assert not group.prunable and "coupled" in group.reason
     assert positions_of(group, "c1") == [list(range(8))]
+
+
+class SpatialRollNet(nn.Module):
+    """``torch.roll`` along the spatial dims only (as Swin's shifted windows)."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2 = conv(3, 8), conv(8, 3)
+
+    def forward(self, x):
+        return self.c2(torch.roll(self.c1(x), shifts=(1, -2), dims=(2, 3)))
+
+
+def test_roll_along_spatial_dims_passes_channels_and_along_channels_blocks_them():
+    spatial = group_with(captured(SpatialRollNet()), "c1")
+    assert (spatial.size, spatial.prunable) == (8, True)
+    assert members_of(spatial) == conv_members("c1", "out") | conv_members("c2", "in")
+    channel = group_with(captured(RollNet()), "c1")
+    assert not channel.prunable and "torch.roll shifts along this channel dim" in channel.reason

@@ -1,0 +1,378 @@
+"""Write a pruning plan back into the user's original model: a pruned deep copy of the same class.
+
+:func:`apply_plan` prunes a captured network (:func:`graph.pruning.prune_channels`) and :func:`write_back` copies
+the result into a deep copy of the model the network was captured from, so the copy keeps its class, its methods
+(``generate``, ``save_pretrained``) and its submodule names. Node names map back to the model: a leaf node is named
+after its module path and a ``param`` node after its parameter path (a second call of the same module gets a
+``_1`` suffix). Three steps follow the tensor copy:
+
+* leaf modules' size attributes are synced from their new tensors (:func:`graph.layer_sync.sync_attributes`);
+* the sizes that traced-into modules read in their forward are rewritten by the first handler registered for the
+  model's class (:data:`SIZE_REWRITERS`): a Hugging Face model gets a new config fitted to the pruned shapes, and
+  its modules the attributes a model built from that config has; any other model's int attributes are rewritten
+  where they equal exactly one old width of the tensors below them;
+* the copy's output on the example inputs must equal the pruned network's, else :class:`PruningError` names the
+  first module (in forward order) whose output differs or whose forward failed.
+"""
+from __future__ import annotations
+
+import copy
+import re
+from typing import Any, Callable, Iterator
+
+import torch
+import torch.nn as nn
+
+from .capture import iter_tensors
+from .errors import PruningError
+from .layer_sync import snapshot, sync_attributes
+from .modules import FunctionalOp, ParameterNode
+from .registry import registers_in
+
+SIZE_REWRITERS: dict[str, Callable[[nn.Module, nn.Module, dict[int, torch.Tensor]], None]] = {}
+rewrites_sizes = registers_in(SIZE_REWRITERS)
+"""Register ``rewrite(top, root, new_tensors)`` under a class name; the first name in the top model's MRO wins.
+
+``top`` is the pruned copy (tensors already replaced), ``root`` the sub-module the network was captured from and
+``new_tensors`` maps ``id`` of every replaced tensor of the unpruned copy to its pruned replacement (see
+:func:`_old_dims`)."""
+
+# Config fields that channel pruning can change (aliases such as GPT-2's ``n_head`` resolve through the config's
+# ``attribute_map``); ``head_dim`` is not one of them: pruning removes whole heads.
+CONFIG_SIZE_FIELDS = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "n_inner",
+                      "ffn_dim", "encoder_ffn_dim", "decoder_ffn_dim", "encoder_attention_heads",
+                      "decoder_attention_heads", "moe_intermediate_size", "shared_expert_intermediate_size")
+_SUFFIX = re.compile(r"^(.*)_(\d+)$")
+
+
+def apply_plan(model: nn.Module, rnet, plan, root: str = "", inputs: tuple[tuple, dict] | None = None,
+               rtol: float = 1e-5) -> nn.Module:
+    """A pruned deep copy of ``model`` (same class, methods and submodule names); ``model`` is left untouched.
+
+    ``rnet`` was captured from ``model.get_submodule(root)`` (``root=""``: the whole model; ``"backbone"``: a
+    detector's backbone, whose pruned copy then runs inside the whole detector). ``plan`` maps channel groups of
+    ``rnet`` to removed indices, as for :func:`graph.pruning.prune_channels`. See :func:`write_back` for ``inputs``
+    and ``rtol``.
+    """
+    return write_back(model, rnet.prune_channels(plan), root=root, inputs=inputs, rtol=rtol)
+
+
+def write_back(model: nn.Module, pruned, root: str = "", inputs: tuple[tuple, dict] | None = None,
+               rtol: float = 1e-5) -> nn.Module:
+    """A deep copy of ``model`` holding the tensors of ``pruned`` (a pruned network captured from
+    ``model.get_submodule(root)``), with the sizes its forward reads rewritten, verified on ``inputs``.
+
+    ``inputs`` is ``(args, kwargs)`` for the sub-module's forward (default: ``pruned.example_inputs()``, tensors of
+    ones at the captured shapes); the copy's output must match the pruned network's to ``rtol`` relative to the
+    output's largest magnitude. Raises :class:`PruningError` when a node names no module or parameter of the model,
+    when a Hugging Face config cannot hold the pruned sizes (heads or widths that differ between layers, or head
+    pruning in a model that derives its head size from the hidden size), or when verification fails.
+    """
+    top = copy.deepcopy(model)
+    sub = _submodule(top, root)
+    new_tensors = _pruned_tensors(sub, pruned)
+    old_dims = _old_dims(top, new_tensors)
+    _replace_tensors(top, new_tensors)
+    rewriter = next((SIZE_REWRITERS[cls.__name__] for cls in type(top).__mro__ if cls.__name__ in SIZE_REWRITERS))
+    rewriter(top, sub, old_dims)
+    _verify(sub, pruned, inputs if inputs is not None else pruned.example_inputs(), rtol)
+    return top
+
+
+def _submodule(top: nn.Module, root: str) -> nn.Module:
+    try:
+        return top.get_submodule(root)
+    except AttributeError:
+        raise PruningError(f"the model has no sub-module {root!r} to write the pruned network into") from None
+
+
+def _model_path(name: str, table: dict[str, Any]) -> str | None:
+    """The module or tensor path a node name stands for: the name itself, or the name without a repeat suffix."""
+    if name in table:
+        return name
+    match = _SUFFIX.match(name)
+    return match.group(1) if match and match.group(1) in table else None
+
+
+def _node_sources(sub: nn.Module, pruned) -> Iterator[tuple[Any, str, nn.Module]]:
+    """``(node, model path, node module)`` for every leaf-module and parameter node of ``pruned``."""
+    modules = dict(sub.named_modules(remove_duplicate=False))
+    tensors = {**dict(sub.named_parameters(remove_duplicate=False)), **dict(sub.named_buffers(remove_duplicate=False))}
+    for node in pruned.graph_nodes:
+        if node.key is None or node.op == "constant":
+            continue
+        module = pruned.nodes[node.key]
+        if isinstance(module, FunctionalOp):
+            continue
+        table = tensors if isinstance(module, ParameterNode) else modules
+        path = _model_path(node.name, table)
+        if path is None:
+            what = "parameter or buffer" if table is tensors else "sub-module"
+            raise PruningError(f"{node.describe()} names no {what} of the model; was the network captured from this "
+                               "model (and this root)?")
+        yield node, path, module
+
+
+def _pruned_tensors(sub: nn.Module, pruned) -> dict[int, torch.Tensor]:
+    """``id`` of each of the copy's tensors whose shape pruning changed -> its pruned replacement."""
+    tensors = {**dict(sub.named_parameters(remove_duplicate=False)), **dict(sub.named_buffers(remove_duplicate=False))}
+    new: dict[int, torch.Tensor] = {}
+    for node, path, module in _node_sources(sub, pruned):
+        if isinstance(module, ParameterNode):
+            pairs = [(path, module.value)]
+        else:
+            pairs = [(f"{path}.{name}", t) for name, t in [*module.named_parameters(), *module.named_buffers()]]
+        for name, tensor in pairs:
+            old = tensors.get(name)
+            if old is None or tensor.shape == old.shape:
+                continue
+            if id(old) in new and new[id(old)].shape != tensor.shape:
+                raise PruningError(f"{name} is pruned to {tuple(new[id(old)].shape)} at one use and to "
+                                   f"{tuple(tensor.shape)} at {node.describe()}")
+            if tensor.dim() != old.dim():
+                raise PruningError(f"{node.describe()} holds {name} with shape {tuple(tensor.shape)}, the model "
+                                   f"{tuple(old.shape)}")
+            value = tensor.detach().clone()
+            new[id(old)] = nn.Parameter(value, requires_grad=old.requires_grad) if isinstance(old, nn.Parameter) \
+                else value
+    return new
+
+
+def _old_dims(top: nn.Module, new_tensors: dict[int, torch.Tensor]) -> dict[str, list[tuple[int, int]]]:
+    """For every module path of the (unpruned) copy: ``(old size, new size)`` of every dim of every tensor in its
+    subtree, the widths the size rewriters compare attributes with."""
+    dims: dict[str, list[tuple[int, int]]] = {name: [] for name, _ in top.named_modules()}
+    for name, module in top.named_modules():
+        own = [(old, new) for tensor in [*module._parameters.values(), *module._buffers.values()] if tensor is not None
+               for old, new in zip(tensor.shape, new_tensors.get(id(tensor), tensor).shape)]
+        parts = name.split(".") if name else []
+        for depth in range(len(parts) + 1):
+            dims[".".join(parts[:depth])].extend(own)
+    return dims
+
+
+def _replace_tensors(top: nn.Module, new_tensors: dict[int, torch.Tensor]) -> None:
+    """Put every replacement wherever the copy holds the replaced tensor (so tied weights stay tied), then sync the
+    size attributes of the modules that changed."""
+    for module in top.modules():
+        slots = [(table, name) for table in (module._parameters, module._buffers)
+                 for name, tensor in table.items() if tensor is not None and id(tensor) in new_tensors]
+        if not slots:
+            continue
+        old = snapshot(module)
+        for table, name in slots:
+            table[name] = new_tensors[id(table[name])]
+        sync_attributes(module, old)
+
+
+@rewrites_sizes("Module")
+def _rewrite_by_width(top: nn.Module, root: nn.Module, old_dims: dict[str, list[tuple[int, int]]]) -> None:
+    """Any model: an int attribute of a traced-into module that equals an old width of the tensors below it is set to
+    the new width when all dims of that old width agree on it (an ambiguous one is left for verification to judge);
+    an attribute named after heads (``num_heads``) is scaled by the head size (``head_dim``)."""
+    for name, module in top.named_modules():
+        dims = old_dims.get(name, ())
+        if not any(old != new for old, new in dims):
+            continue
+        head_dim = next((getattr(module, a) for a in ("head_dim", "attention_head_size")
+                         if isinstance(getattr(module, a, None), int)), None)
+        for attribute, value in list(vars(module).items()):
+            if type(value) is not int or attribute.startswith("_"):
+                continue
+            counts_heads = "head" in attribute and not any(w in attribute for w in ("dim", "size"))
+            unit = head_dim if counts_heads and head_dim else 1
+            targets = {new // unit for old, new in dims if old == value * unit and new % unit == 0}
+            if len(targets) == 1 and value not in targets:
+                setattr(module, attribute, targets.pop())
+
+
+@rewrites_sizes("PreTrainedModel")
+def _rewrite_hf_config(top: nn.Module, root: nn.Module, old_dims: dict) -> None:
+    """A Hugging Face model: fit the config's size fields to the pruned shapes (so ``save_pretrained`` and
+    ``from_pretrained`` round-trip), then give every module the int attributes a model built from it would have."""
+    config = top.config
+    _pin_head_dim(config)
+    before = _build_on_meta(top, config)
+    fields = _fit_config(top, config, before)
+    changed = {field: (getattr(config, field), value) for field, value in fields.items()}
+    for field, value in fields.items():
+        setattr(config, field, value)
+    after = _build_on_meta(top, config)
+    shapes = {name: tuple(t.shape) for name, t in top.state_dict().items()}
+    for name, tensor in after.state_dict().items():
+        if shapes.get(name) != tuple(tensor.shape):
+            raise PruningError(
+                f"the {type(config).__name__} cannot hold the pruned sizes: with {changed or 'no field changed'} "
+                f"{name} would have shape {tuple(tensor.shape)}, the pruned model has {shapes.get(name)}. Sizes that "
+                "differ between layers, or heads pruned in a model whose head size is derived from its hidden size, "
+                "cannot be written in the config; prune every layer alike")
+    modules, old_modules = dict(top.named_modules()), dict(before.named_modules())
+    for name, module in after.named_modules():
+        target, old = modules.get(name), old_modules.get(name)
+        if target is None or old is None:
+            continue
+        for attribute, value in vars(module).items():
+            if type(value) is int and vars(old).get(attribute) != value and type(vars(target).get(attribute)) is int:
+                setattr(target, attribute, value)
+
+
+def _pin_head_dim(config) -> None:
+    """Write the head size into a config that derives it (``hidden_size // num_attention_heads``), so models that read
+    ``config.head_dim`` keep it when heads are pruned; the value is the one the model already uses."""
+    heads, hidden = getattr(config, "num_attention_heads", None), getattr(config, "hidden_size", None)
+    if type(getattr(config, "head_dim", None)) is not int and type(heads) is int and type(hidden) is int and heads:
+        config.head_dim = hidden // heads
+
+
+def _build_on_meta(top: nn.Module, config) -> nn.Module:
+    with torch.device("meta"):
+        return type(top)(config)
+
+
+def _size_fields(config) -> list[str]:
+    """The config's int size fields, by their real attribute names (aliases resolved, duplicates dropped)."""
+    names = dict.fromkeys(config.attribute_map.get(f, f) for f in CONFIG_SIZE_FIELDS)
+    return [n for n in names if type(vars(config).get(n)) is int and vars(config)[n] > 0]
+
+
+def _fit_config(top: nn.Module, config, before: nn.Module) -> dict[str, int]:
+    """New values of the config's size fields that explain the pruned shapes: each is read off the tensor dims that
+    field alone (among the size fields) scales, found by building the model with the field doubled."""
+    base = {name: tuple(t.shape) for name, t in before.state_dict().items()}
+    scales: dict[str, dict[tuple[str, int], float]] = {}
+    for field in _size_fields(config):
+        doubled = copy.deepcopy(config)
+        setattr(doubled, field, 2 * getattr(config, field))
+        try:
+            shapes = {name: tuple(t.shape) for name, t in _build_on_meta(top, doubled).state_dict().items()}
+        except Exception:  # this value is not a valid configuration: the field is not fitted
+            continue
+        if shapes.keys() != base.keys():
+            continue
+        scales[field] = {(name, d): (shapes[name][d] - size) / getattr(config, field)
+                         for name, shape in base.items() for d, size in enumerate(shape) if shapes[name][d] != size}
+    pruned = {name: tuple(t.shape) for name, t in top.state_dict().items()}
+    fitted: dict[str, int] = {}
+    for field, dims in scales.items():
+        implied: dict[float, tuple[str, int]] = {}
+        for (name, d), scale in dims.items():
+            if sum((name, d) in other for other in scales.values()) == 1 and name in pruned:
+                implied.setdefault(getattr(config, field) + (pruned[name][d] - base[name][d]) / scale, (name, d))
+        if len(implied) > 1:
+            (a, (name_a, dim_a)), (b, (name_b, dim_b)) = list(implied.items())[:2]
+            raise PruningError(
+                f"the {type(config).__name__} cannot hold the pruned sizes: {field} would be {a:g} for {name_a} (dim "
+                f"{dim_a}) but {b:g} for {name_b} (dim {dim_b}). A config cannot hold sizes that differ between "
+                "layers, nor pruned heads in a model that derives its head size from its hidden size (GPT-2, BERT): "
+                "prune every layer alike, or leave such heads unpruned")
+        if implied:
+            value = next(iter(implied))
+            if value != int(value) or value < 1:
+                name, d = implied[value]
+                raise PruningError(f"the {type(config).__name__} cannot hold the pruned sizes: {name} (dim {d}) "
+                                   f"would need {field} = {value:g}")
+            if value != getattr(config, field):
+                fitted[field] = int(value)
+    return fitted
+
+
+def _verify(sub: nn.Module, pruned, inputs: tuple[tuple, dict], rtol: float) -> None:
+    """Run the copy's sub-module and the pruned network on ``inputs``; when their outputs differ (or the copy fails),
+    raise naming the module to blame: the first leaf (in forward order) whose output differs, if its inputs agree,
+    else the module that computed its inputs."""
+    args, kwargs = inputs
+    sources = {node.name: path for node, path, module in _node_sources(sub, pruned)
+               if not isinstance(module, ParameterNode)}
+    expected: list[tuple[Any, str, tuple, Any]] = []
+    calls, running, handles = _record_calls(sub)
+    modes = [(m, m.training) for m in (sub, pruned)]
+    failure = None
+    try:
+        sub.eval(), pruned.eval()
+        with torch.no_grad():
+            reference = pruned.observe(lambda node, a, k, out: node.name in sources and expected.append(
+                (node, sources[node.name], a, out)), *args, **kwargs)
+            try:
+                actual = sub(*args, **kwargs)
+            except Exception as error:
+                failure = error
+    finally:
+        for handle in handles:
+            handle.remove()
+        for module, training in modes:
+            module.train(training)
+    if failure is None and _close(actual, reference, rtol):
+        return
+    what = f"fails ({failure})" if failure is not None else "computes another output than the pruned network"
+    seen: dict[str, int] = {}
+    for node, path, node_args, out in expected:
+        index = seen[path] = seen.get(path, -1) + 1
+        record = calls.get(path, [])[index] if index < len(calls.get(path, [])) else None
+        if record is not None and record[1] is not _MISSING and _close(record[1], out, rtol):
+            continue
+        culprit = path if record is not None and _close(record[0], node_args, rtol) else _producer(pruned, node, sub)
+        raise PruningError(f"the pruned copy {what}: from {node.describe()} on its values differ; the forward of "
+                           f"{_describe(sub, culprit)} depends on a size apply_plan could not rewrite") from failure
+    culprit = running[-1] if failure is not None and running else ""
+    raise PruningError(f"the pruned copy {what} though every captured module agrees; the forward of "
+                       f"{_describe(sub, culprit)} depends on a size apply_plan could not rewrite") from failure
+
+
+_MISSING = object()
+
+
+def _record_calls(sub: nn.Module) -> tuple[dict[str, list[list]], list[str], list]:
+    """Hooks on every module of ``sub``: ``calls[path]`` gets ``[args, output]`` per call (output ``_MISSING`` until
+    it returns) and ``running`` the stack of modules being run; returns them with the hook handles."""
+    names = {id(module): name for name, module in sub.named_modules(remove_duplicate=False)}
+    calls: dict[str, list[list]] = {}
+    running: list[str] = []
+
+    def enter(module: nn.Module, args: tuple) -> None:
+        running.append(names[id(module)])
+        calls.setdefault(running[-1], []).append([args, _MISSING])
+
+    def leave(module: nn.Module, args: tuple, output: Any) -> None:
+        calls[running.pop()][-1][1] = output
+
+    handles = [hook for module in sub.modules()
+               for hook in (module.register_forward_pre_hook(enter), module.register_forward_hook(leave))]
+    return calls, running, handles
+
+
+def _producer(pruned, node, sub: nn.Module) -> str:
+    """The module that computed ``node``'s first input: a leaf's path, or the scope a functional node ran in."""
+    modules = dict(sub.named_modules())
+    for index in node.inputs:
+        producer = pruned.graph_nodes[index]
+        if producer.op in ("input", "param", "constant"):
+            continue
+        name = producer.name if producer.key and not isinstance(pruned.nodes[producer.key], FunctionalOp) \
+            else producer.name.rpartition(".")[0]
+        return _model_path(name, modules) or ""
+    return ""
+
+
+def _describe(sub: nn.Module, path: str) -> str:
+    return f"{path or 'the root'} ({type(sub.get_submodule(path)).__name__})"
+
+
+def _parent(path: str) -> str:
+    return path.rpartition(".")[0]
+
+
+def _close(actual: Any, expected: Any, rtol: float) -> bool:
+    """True when both nested outputs hold tensors of the same shapes that agree to ``rtol`` of the largest value."""
+    a, b = list(iter_tensors(actual)), list(iter_tensors(expected))
+    if [p for p, _ in a] != [p for p, _ in b]:
+        return False
+    for (_, x), (_, y) in zip(a, b):
+        if x.shape != y.shape:
+            return False
+        if x.is_floating_point() or y.is_floating_point():
+            scale = y.abs().max().item() if y.numel() else 0.0
+            if y.numel() and (x - y).abs().max().item() > rtol * max(scale, 1e-12):
+                return False
+        elif not torch.equal(x, y):
+            return False
+    return True
