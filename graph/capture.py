@@ -17,7 +17,7 @@ from typing import Any, Iterator
 
 import torch
 import torch.nn as nn
-from torch.autograd.function import BackwardCFunction
+from torch.autograd.function import Function
 from torch.overrides import TorchFunctionMode
 
 from . import oplib, symbolic
@@ -129,12 +129,12 @@ class Tracer(TorchFunctionMode):
         self.signature = inspect.signature(root.forward)
         self.input_constants: dict[str, Any] = {}
         self.output_template: Any = None
+        self.example_inputs: tuple[tuple, dict] | None = None  # the root's (args, kwargs) of the recorded call
         self.training = root.training
         self._device: torch.device | None = None
         self._producer: dict[int, Ref] = {}
         self._shape_only: set[int] = set()
         self._alive: list[Any] = []
-        self._custom_backward: dict[int, Any] = {}  # id(output) -> its grad_fn, for ops whose own backward is custom
         self._tensor_names: dict[int, str] = {}
         self._module_names: dict[int, str] = {}
         self._scope: list[str] = []
@@ -145,6 +145,7 @@ class Tracer(TorchFunctionMode):
         self._handles: list = []
         self._saved_training: list[tuple[nn.Module, bool]] = []
         self._saved_range = None
+        self._saved_apply = None
         self._saved_exporting = False
         self._started = self._finished = False
         for name, tensor in [*root.named_parameters(remove_duplicate=False), *root.named_buffers(remove_duplicate=False)]:
@@ -169,6 +170,8 @@ class Tracer(TorchFunctionMode):
             module.__dict__["training"] = TrainingFlag(module.training)
         self._saved_range = builtins.range
         builtins.range = symbolic.guarded_range
+        self._saved_apply = Function.__dict__["apply"]
+        Function.apply = classmethod(self._guarded_apply)
         # Capture, like torch.export, must record a graph valid for every input: libraries that ask
         # torch.compiler.is_exporting() then skip data-dependent shortcuts (transformers materialises attention
         # masks instead of checking whether this particular mask has padding).
@@ -187,6 +190,7 @@ class Tracer(TorchFunctionMode):
         self.__exit__(None, None, None)
         symbolic.set_recorder(None)
         builtins.range = self._saved_range
+        Function.apply = self._saved_apply
         torch.compiler._is_exporting_flag = self._saved_exporting
         for module, training in self._saved_training:
             module.__dict__["training"] = training
@@ -194,7 +198,6 @@ class Tracer(TorchFunctionMode):
             handle.remove()
         self._handles.clear()
         self._alive.clear()
-        self._custom_backward.clear()
 
     def _traced_into_modules(self) -> Iterator[nn.Module]:
         stack, seen = [self.root], set()
@@ -207,6 +210,16 @@ class Tracer(TorchFunctionMode):
             stack.extend(module.children())
 
     # ---------------------------------------------------------------- guards
+    def _guarded_apply(self, function: type, *args: Any, **kwargs: Any) -> Any:
+        """``Function.apply`` during capture: a custom autograd Function applied by the recorded forward itself (not
+        inside a leaf module or a recorded op) is refused, since replaying its traced forward would lose its custom
+        backward, with or without grad mode."""
+        if not self._paused and not self._leaf_depth and torch._C._is_torch_function_mode_enabled():
+            raise CaptureError(
+                f"the custom autograd Function {function.__name__} is applied at {source_line()}; its backward "
+                "cannot be replayed from recorded ops. Make the module that applies it a leaf, or capture without it.")
+        return self._saved_apply.__get__(None, function)(*args, **kwargs)
+
     def add_guard(self, expr: Any, value: Any) -> None:
         """Remember that replay must find ``expr == value`` (called by traced ints on control flow)."""
         if self._leaf_depth == 0 and (expr, value) not in self.guards:
@@ -235,6 +248,7 @@ class Tracer(TorchFunctionMode):
             if self._finished:
                 raise CaptureError("the captured module was called twice between the capture boundaries")
             self._record_inputs(args, kwargs)
+            self.example_inputs = (args, kwargs)
         if leaf_type(module) is not None:
             self._pending_leaf.append((module, self.template(args), self.template(kwargs), source_line(),
                                        torch.is_grad_enabled()))
@@ -372,17 +386,8 @@ class Tracer(TorchFunctionMode):
 
     def _ref(self, tensor: torch.Tensor) -> Ref:
         ref = self._producer.get(id(tensor))
-        # A custom autograd Function's forward is traced like any code, but its output then gets the Function's
-        # backward, which the recorded ops would not reproduce.
-        applied_custom = (isinstance(tensor.grad_fn, BackwardCFunction)
-                          and self._custom_backward.get(id(tensor)) is not tensor.grad_fn)
-        if ref is not None and not applied_custom:
+        if ref is not None:
             return ref
-        if applied_custom:
-            raise CaptureError(
-                f"a tensor used at {source_line()} was produced by the custom autograd Function "
-                f"{type(tensor.grad_fn).__name__}; its backward cannot be replayed from recorded ops. Make the "
-                "module that applies it a leaf, or capture without it.")
         name = self._tensor_names.get(id(tensor))
         if name is not None:
             index = self._add_node(name, "param", ParameterNode(tensor), (), {}, source_line(), tensor, True)
@@ -449,8 +454,6 @@ class Tracer(TorchFunctionMode):
         for path, tensor in iter_tensors(output):
             self._producer[id(tensor)] = Ref(index, path)
             self._alive.append(tensor)
-            if isinstance(tensor.grad_fn, BackwardCFunction):
-                self._custom_backward[id(tensor)] = tensor.grad_fn
         return index
 
 
@@ -471,19 +474,26 @@ def capture(model: nn.Module, *example_inputs: Any, **example_kwargs: Any):
     always materialises its attention mask), and Python values read from tensors computed from sizes alone
     (``torch.arange(n)``) replay from the actual input; reading input data into Python raises.
     """
-    from .network import ReconstructedNetwork
-
     if not isinstance(model, nn.Module):
         raise TypeError(f"capture expects an nn.Module, got {type(model).__name__}")
     tracer = _trace_copy(model, model.training, example_inputs, example_kwargs)
+    return network_from_trace(tracer, model, example_inputs, example_kwargs, copy_modules=False)
+
+
+def network_from_trace(tracer: Tracer, model: nn.Module, example_inputs: tuple, example_kwargs: dict,
+                       copy_modules: bool):
+    """The network a finished trace of ``model`` recorded; where the forward branches on ``self.training``, a copy of
+    ``model`` is traced in the other mode on the same inputs and merged in (:func:`graph.modes.merge_modes`)."""
+    from .network import ReconstructedNetwork
+
     if branches_on_training(tracer.guards):
         try:
-            other = _trace_copy(model, not model.training, example_inputs, example_kwargs)
+            other = _trace_copy(model, not tracer.training, example_inputs, example_kwargs)
         except Exception:  # the other mode cannot run on this input (BatchNorm at batch 1): keep the guards
             other = None
         if other is not None:
             merge_modes(tracer, other)
-    return ReconstructedNetwork.from_tracer(tracer, copy_modules=False)
+    return ReconstructedNetwork.from_tracer(tracer, copy_modules=copy_modules)
 
 
 def _trace_copy(model: nn.Module, training: bool, example_inputs: tuple, example_kwargs: dict) -> Tracer:

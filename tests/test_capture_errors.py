@@ -111,6 +111,16 @@ def test_custom_autograd_function_raises_naming_it():
     assert _line_of("return self.linear(Square.apply") in str(error.value)
 
 
+def test_custom_autograd_function_under_no_grad_raises_too_and_apply_is_restored():
+    apply = torch.autograd.Function.__dict__["apply"]
+    with torch.no_grad(), pytest.raises(CaptureError, match="custom autograd Function Square"):
+        capture(CustomFunctionNet(), torch.randn(2, 4))
+    assert torch.autograd.Function.__dict__["apply"] is apply
+    x = torch.randn(3, requires_grad=True)
+    Square.apply(x).sum().backward()
+    assert torch.allclose(x.grad, 2 * x)
+
+
 def test_shape_branch_replays_exactly_while_the_branch_is_the_same():
     model = ShapeBranchNet()
     net = capture(model, torch.randn(1, 2, 16, 16))

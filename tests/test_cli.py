@@ -24,6 +24,17 @@ def test_inspect_prints_every_node_and_the_models_parameter_count(capsys):
     assert "layer1.0.conv1" in out
 
 
+def test_inspect_draw_writes_the_graph_of_a_saved_network(tmp_path, capsys):
+    assert main(["prune", "resnet18", "--input-size", "1,3,32,32", "--channel-ratio", "0.5",
+                 "-o", str(tmp_path / "small.pkl")]) == 0
+    capsys.readouterr()
+    target = tmp_path / "small.dot"
+    assert main(["inspect", str(tmp_path / "small.pkl"), "--draw", str(target)]) == 0
+    assert f"graph drawn to {target}" in capsys.readouterr().out
+    source = target.read_text()
+    assert "layer1.0.conv1" in source and "->" in source
+
+
 def test_inspect_of_an_unknown_model_exits_2_naming_it(capsys):
     assert main(["inspect", "no_such_net"]) == 2
     assert "no_such_net" in capsys.readouterr().err
