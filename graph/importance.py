@@ -18,12 +18,22 @@ def _norm_scores(rnet, group: ChannelGroup, power: int, reduced: dict) -> np.nda
         if key not in reduced:
             tensor = member_tensor(rnet, member.node, member.tensor).detach()
             reduce_dims = [d for d in range(tensor.dim()) if d != member.dim]
-            norms = tensor.abs().pow(power).float()
-            reduced[key] = (norms.sum(dim=reduce_dims) if reduce_dims else norms).cpu().numpy()
+            reduced[key] = _power_sums(tensor.float(), power, reduce_dims).cpu().double().numpy()
         per_channel = reduced[key][member.positions].sum(axis=1)
         mean = per_channel.mean()
         scores += per_channel / mean if mean > 0 else per_channel
     return scores
+
+
+def _power_sums(tensor: torch.Tensor, power: int, dims: list[int]) -> torch.Tensor:
+    """``sum(|tensor|^power)`` over ``dims``. Reducing trailing dims is one fused norm pass; reducing a leading dim
+    (a consumer's input channels) is faster with one elementwise temporary than as a strided norm (vgg16's first
+    Linear: 0.25 s against 0.7 s)."""
+    if not dims:
+        return tensor.abs() ** power
+    if min(dims) > 0:
+        return torch.linalg.vector_norm(tensor, ord=power, dim=dims) ** power
+    return (tensor.square() if power == 2 else tensor.abs() ** power).sum(dim=dims)
 
 
 IMPORTANCES: dict[str, Callable] = {

@@ -91,7 +91,10 @@ def prune_channels(rnet, plan: Plan):
     def removed(ids: np.ndarray) -> np.ndarray:
         return gone[graph.component[np.asarray(ids)]]
 
-    pruned = copy.deepcopy(rnet)
+    # The tensors that lose channels are shared, not cloned, by the copy (vgg16's classifier alone is 400 MB):
+    # slicing replaces them below, and _unshare clones whatever is left of them.
+    sliced = _tensors_to_slice(rnet, graph, removed)
+    pruned = copy.deepcopy(rnet, {id(tensor): tensor for tensor in sliced})
     owners: dict[int, list[tuple[nn.Module, str]]] = defaultdict(list)
     current: dict[int, torch.Tensor] = {}
     done: set[tuple[int, int]] = set()
@@ -147,8 +150,36 @@ def prune_channels(rnet, plan: Plan):
     _update_shapes(pruned, graph, removed)
     for tensor in current.values():
         del tensor._pruned_from
+    _unshare(pruned, sliced)
     pruned.recompile()
     return pruned
+
+
+def _tensors_to_slice(rnet, graph: DependencyGraph, removed) -> list[torch.Tensor]:
+    """The tensors of ``rnet`` that lose channels under the plan (each is replaced by a sliced copy)."""
+    tensors = {}
+    for member in graph.members:
+        if removed(member.ids).any():
+            node = rnet.graph_nodes[member.node]
+            owner, attribute = _owner_and_attribute(rnet.nodes[node.key], member.tensor)
+            tensor = getattr(owner, attribute)
+            tensors[id(tensor)] = tensor
+    return list(tensors.values())
+
+
+def _unshare(pruned, shared: list[torch.Tensor]) -> None:
+    """Clone every tensor ``pruned`` still shares with the input network, so the two never alias."""
+    clones = {id(tensor): None for tensor in shared}
+    for module in pruned.modules():
+        for table in (module._parameters, module._buffers):
+            for name, tensor in table.items():
+                if tensor is None or id(tensor) not in clones:
+                    continue
+                if clones[id(tensor)] is None:  # tied tensors stay tied: one clone per shared tensor
+                    clone = tensor.detach().clone()
+                    clones[id(tensor)] = nn.Parameter(clone, tensor.requires_grad) \
+                        if isinstance(tensor, nn.Parameter) else clone
+                table[name] = clones[id(tensor)]
 
 
 def _update_shapes(pruned, graph: DependencyGraph, removed) -> None:

@@ -107,6 +107,14 @@ def test_pruning_leaves_the_input_network_unchanged():
     assert [n.meta["out"] for n in rnet.graph_nodes] == shapes
 
 
+def test_pruned_network_shares_no_tensor_with_the_input_network():
+    rnet = captured(ChannelsLastNet())
+    pruned = rnet.prune_channels(plan_for(rnet, CASES[9][1]))
+    storages = {t.untyped_storage().data_ptr() for t in [*rnet.parameters(), *rnet.buffers()] if t.numel()}
+    assert not any(t.untyped_storage().data_ptr() in storages for t in [*pruned.parameters(), *pruned.buffers()])
+    assert sum(p.numel() for p in pruned.parameters()) < sum(p.numel() for p in rnet.parameters())
+
+
 def test_removing_every_channel_of_a_group_is_rejected():
     rnet = captured(ResidualNet())
     with pytest.raises(PruningError, match="all 8 channels"):
