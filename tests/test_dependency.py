@@ -1,6 +1,8 @@
 """Channel dependency analysis: the groups found for each op kind, checked against hand-derived expectations."""
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -8,6 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from graph import capture
+from models import assert_outputs_close
 
 IMAGE = (2, 3, 8, 8)
 
@@ -149,11 +152,12 @@ class SqueezeExciteNet(nn.Module):
 
 
 class AttentionNet(nn.Module):
-    """Hand-written two-head self-attention through matmul/softmax between an embedding and a head."""
+    """Hand-written two-head self-attention through matmul/softmax between an embedding and a head; ``rotate`` adds
+    rotate-half to queries and keys (``cat([-t[..., d // 2:], t[..., : d // 2]], -1)``, d read from the shape)."""
 
-    def __init__(self, dim: int = 8, heads: int = 2):
+    def __init__(self, dim: int = 8, heads: int = 2, rotate: bool = False):
         super().__init__()
-        self.heads = heads
+        self.heads, self.rotate = heads, rotate
         self.embed, self.head = nn.Linear(4, dim), nn.Linear(dim, 3)
         self.q, self.k, self.v, self.proj = (nn.Linear(dim, dim) for _ in range(4))
 
@@ -165,6 +169,8 @@ class AttentionNet(nn.Module):
             return t.reshape(n, length, self.heads, -1).transpose(1, 2)
 
         q, k, v = split(self.q(h)), split(self.k(h)), split(self.v(h))
+        if self.rotate:
+            q, k = (t + torch.cat([-t[..., t.shape[-1] // 2:], t[..., : t.shape[-1] // 2]], -1) for t in (q, k))
         weights = torch.softmax(q @ k.transpose(-2, -1) * 0.5, dim=-1)
         y = (weights @ v).transpose(1, 2).reshape(n, length, -1)
         return self.head(h + self.proj(y))
@@ -193,7 +199,8 @@ class UnfoldNet(nn.Module):
 
 
 class ComputedSliceNet(nn.Module):
-    """Slices channels at a bound computed from the shape, ``y[:, : y.shape[1] // 2]`` (as rotate-half does)."""
+    """Slices channels at a bound computed from the channel count, ``y[:, : y.shape[1] // 2]`` (as rotate-half
+    does)."""
 
     def __init__(self):
         super().__init__()
@@ -204,10 +211,57 @@ class ComputedSliceNet(nn.Module):
         return self.c2(y[:, : y.shape[1] // 2])
 
 
+class SpatialBoundSliceNet(nn.Module):
+    """Slices channels at a bound computed from a spatial size, ``y[:, : y.shape[-1] // 2]``."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2 = conv(3, 8), conv(4, 3)
+
+    def forward(self, x):
+        y = self.c1(x)
+        return self.c2(y[:, : y.shape[-1] // 2])
+
+
+class WindowAttentionNet(nn.Module):
+    """Swin's window attention (16 wide, 4 heads of 4, 4 tokens): qkv reshaped to ``(B, N, 3, heads, C // heads)``
+    and permuted, queries scaled by ``(C // heads) ** -0.5``, a relative-position-bias table indexed by a buffer and
+    added per head, heads merged back with ``reshape(B, N, C)``. ``cosine`` is Swin v2: the key bias zeroed through
+    a slice at ``numel // 3``, normalised queries and keys, a per-head ``logit_scale``."""
+
+    def __init__(self, cosine: bool = False):
+        super().__init__()
+        self.cosine, self.heads = cosine, 4
+        self.embed, self.qkv, self.proj, self.head = nn.Linear(3, 16), nn.Linear(16, 48), nn.Linear(16, 16), \
+            nn.Linear(16, 3)
+        self.table, self.logit_scale = nn.Parameter(torch.randn(9, 4)), nn.Parameter(torch.rand(4, 1, 1))
+        self.register_buffer("index", torch.arange(16) % 9)
+
+    def forward(self, x):
+        h = self.embed(x)
+        b, n, c = h.shape
+        bias = self.qkv.bias
+        if self.cosine:
+            bias = bias.clone()
+            length = bias.numel() // 3
+            bias[length:2 * length].zero_()
+        qkv = F.linear(h, self.qkv.weight, bias).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv[0], qkv[1], qkv[2]
+        if self.cosine:
+            attn = F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-2, -1) * self.logit_scale.exp()
+        else:
+            attn = q * (c // self.heads) ** -0.5 @ k.transpose(-2, -1)
+        table = self.table[self.index].view(n, n, -1).permute(2, 0, 1).unsqueeze(0)
+        out = ((attn + table).softmax(-1) @ v).transpose(1, 2).reshape(b, n, c)
+        return self.head(h + self.proj(out))
+
+
 def input_for(net: type[nn.Module], batch: int = 2) -> torch.Tensor:
     """A random input of the shape the test net class expects."""
     if net is AttentionNet:
         return torch.randn(batch, 5, 4)
+    if net is WindowAttentionNet:
+        return torch.randn(batch, 4, 3)
     size = 4 if net is FlattenNet else 8
     return torch.randn(batch, 3, size, size)
 
@@ -344,6 +398,20 @@ def test_hand_written_attention_prunes_whole_heads():
     assert model.size == 8 and {("proj", "weight", 0), ("head", "weight", 1)} <= members_of(model)
 
 
+def test_rotate_half_of_each_head_keeps_heads_separate_and_prunes_like_zeroing_proj_columns():
+    torch.manual_seed(0)
+    model, x = AttentionNet(rotate=True).eval(), input_for(AttentionNet)
+    rnet = capture(model, x)
+    heads = group_with(rnet, "q")
+    assert (heads.size, heads.prunable, heads.exact) == (2, True, True)
+    assert all(positions_of(heads, n) == [[0, 1, 2, 3], [4, 5, 6, 7]] for n in "qkv")
+    masked = copy.deepcopy(model)
+    with torch.no_grad():
+        masked.proj.weight[:, 4:] = 0
+        assert_outputs_close(masked(x), rnet.prune_channels({heads: [1]})(x))
+    assert (masked(x) - model(x)).abs().max() > 1e-4
+
+
 @pytest.mark.parametrize("net, op", [(RollNet, "torch.roll"), (UnfoldNet, "unfold")])
 def test_op_without_rule_makes_its_channels_unprunable(net, op):
     group = group_with(captured(net()), "c1")
@@ -368,10 +436,56 @@ def test_group_ids_follow_execution_order():
     assert np.all(np.diff([g.size for g in groups if g.nodes[0] == "c1"]) >= 0)
 
 
-def test_slice_with_computed_bound_fixes_the_sliced_channels():
-    group = group_with(captured(ComputedSliceNet()), "c1")
+def test_slice_bound_computed_from_the_channel_count_is_rewritten_to_the_kept_count():
+    rnet = captured(ComputedSliceNet())
+    read, unread = group_with(rnet, "c1", position=0), group_with(rnet, "c1", position=4)
+    assert (read.size, read.prunable, read.exact) == (4, True, True)
+    assert members_of(read) == conv_members("c1", "out") | conv_members("c2", "in")
+    assert positions_of(unread, "c1") == [[4], [5], [6], [7]]
+    model, x = copy.deepcopy(rnet), input_for(ComputedSliceNet)
+    with torch.no_grad():
+        model.module_of(model.node("c2")).weight[:, 1] = 0
+        assert_outputs_close(model(x), rnet.prune_channels({read: [1], unread: [0, 2]})(x))
+
+
+def test_slice_with_bound_computed_from_a_spatial_size_fixes_the_sliced_channels():
+    group = group_with(captured(SpatialBoundSliceNet()), "c1")
     assert not group.prunable and "coupled" in group.reason
     assert positions_of(group, "c1") == [list(range(8))]
+
+
+@pytest.mark.parametrize("cosine", [False, True])
+def test_window_attention_heads_couple_qkv_rows_bias_table_columns_and_proj_columns(cosine):
+    rnet = captured(WindowAttentionNet(cosine))
+    heads = group_with(rnet, "qkv.weight", "value")
+    assert (heads.size, heads.prunable, heads.exact) == (4, True, True)
+    rows = [[4 * h + j + 16 * s for s in range(3) for j in range(4)] for h in range(4)]
+    assert positions_of(heads, "qkv.weight", "value") == rows and positions_of(heads, "qkv.bias", "value") == rows
+    assert positions_of(heads, "table", "value", 1) == [[h] for h in range(4)]
+    assert positions_of(heads, "proj", dim=1) == [list(range(4 * h, 4 * h + 4)) for h in range(4)]
+    assert (("logit_scale", "value", 0) in members_of(heads)) == cosine
+    rows_of_table = group_with(rnet, "table", "value", 0)
+    assert not rows_of_table.prunable and "index tensor" in rows_of_table.reason
+
+
+@pytest.mark.parametrize("cosine", [False, True])
+def test_window_attention_pruned_heads_and_width_equal_zeroed_consumer_columns(cosine):
+    torch.manual_seed(0)
+    model = WindowAttentionNet(cosine).eval()
+    x = input_for(WindowAttentionNet)
+    rnet = capture(model, x)
+    heads, width = group_with(rnet, "qkv.weight", "value"), group_with(rnet, "embed")
+    assert (width.size, width.prunable, width.exact) == (16, True, True)
+    masked = copy.deepcopy(model)
+    with torch.no_grad():
+        masked.proj.weight[:, 4:8] = 0
+        for weight in (masked.qkv.weight, masked.head.weight):
+            weight[:, [0, 5, 9]] = 0
+        pruned = rnet.prune_channels({heads: [1], width: [0, 5, 9]})
+        assert_outputs_close(masked(x), pruned(x))
+        assert_outputs_close(masked(x[:1]), pruned(x[:1]))
+    assert (masked(x) - model(x)).abs().max() > 1e-4
+    assert pruned.module_of(pruned.node("qkv.weight")).value.shape == (36, 13)
 
 
 class SpatialRollNet(nn.Module):

@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 import torch.nn as nn
 
 from ..ir import Node, Ref, Sym
+from ..symbolic import evaluate
 from .labels import ElementRecord, Factor, Labeling
 
 
@@ -74,6 +76,28 @@ class RuleContext:
     def is_constant(value: Any) -> bool:
         """True for plain numbers (not recomputed at replay)."""
         return not isinstance(value, (Ref, Sym))
+
+    def reads_channel_sizes_only(self, value: Any) -> bool:
+        """True for a computed value (:class:`Sym`) whose expression is arithmetic over channel sizes and constants
+        only (``C // num_heads``): a constant of the architecture, unaffected by the input's batch or resolution."""
+        def pure(expr) -> bool:
+            if not isinstance(expr, tuple):
+                return not isinstance(expr, (Ref, list))
+            if expr[0] == "size":
+                return isinstance(expr[1], Ref) and self._is_channel_size(expr[1], expr[2])
+            return expr[0] not in ("item", "training", "device", "if_training") and all(pure(e) for e in expr[1:])
+        return isinstance(value, Sym) and pure(value.expr)
+
+    def _is_channel_size(self, ref: Ref, dim: int) -> bool:
+        labeling = self.labels(ref)
+        factor = labeling.factor_at(dim) if labeling is not None else None
+        return factor is not None and np.unique(factor.ids).size == factor.ids.size
+
+    def captured_value(self, value: Any) -> Any:
+        """The value a computed :class:`Sym` had at capture (plain values unchanged)."""
+        if not isinstance(value, Sym):
+            return value
+        return evaluate(value.expr, lambda ref: SimpleNamespace(shape=self.shape(ref)), {})
 
     # ---------------------------------------------------------------- declaring
     def set_output(self, labeling: Labeling | None, path: tuple = ()) -> None:

@@ -42,7 +42,24 @@ def _names(short: tuple[str, ...]) -> list[str]:
 def unary_rule(ctx: RuleContext) -> None:
     """Element-wise maps: the output carries the first tensor argument's channels."""
     refs = ctx.tensor_args()
+    _freeze_channel_scalars(ctx)
     ctx.set_output(ctx.labels(refs[0]) if refs else None)
+
+
+def _freeze_channel_scalars(ctx: RuleContext) -> None:
+    """Scalar operands computed from channel sizes (``q * (C // heads) ** -0.5``) keep their captured value after
+    pruning, as in the masked network (replayed from the pruned sizes they would change the result)."""
+    frozen = {key: ctx.captured_value(value) for key, value in [*enumerate(ctx.node.args), *ctx.node.kwargs.items()]
+              if ctx.reads_channel_sizes_only(value)}
+    if frozen:
+        ctx.rewrite(_frozen_rewrite(frozen))
+
+
+def _frozen_rewrite(frozen: dict):
+    def rewrite(node, removed):
+        node.args = tuple(frozen.get(i, value) for i, value in enumerate(node.args))
+        node.kwargs = {name: frozen.get(name, value) for name, value in node.kwargs.items()}
+    return rewrite
 
 
 @channel_rule(*_names(_BINARY_NAMES))
@@ -51,6 +68,7 @@ def broadcast_rule(ctx: RuleContext) -> None:
 
     A labelled dim that meets a full-size unlabelled dim (a tensor that cannot be sliced) is collapsed.
     """
+    _freeze_channel_scalars(ctx)
     out_shape = ctx.out_shape
     rank = len(out_shape)
     operands = []
@@ -135,6 +153,21 @@ def softmax_rule(ctx: RuleContext) -> None:
     dim = _dim_argument(ctx, 1, "dim" if ctx.module is not None and hasattr(ctx.module, "dim") else None)
     if labeling is not None and dim is not None:
         ctx.inexact(labeling.factor_at(dim), "softmax over channels")
+    ctx.set_output(labeling)
+
+
+@channel_rule(*_names(("normalize",)))
+def normalize_rule(ctx: RuleContext) -> None:
+    """``F.normalize`` over ``dim``: a joint factor (heads x head_dim) is collapsed along it, so whole rows go and the
+    others keep their norms (exact); channels of a factor over ``dim`` alone change each other's norm (inexact)."""
+    x = ctx.tensor_args()[0]
+    labeling = ctx.labels(x)
+    dim = ctx.arg(2, "dim", 1)
+    factor = labeling.factor_at(dim) if labeling is not None else None
+    if factor is not None and len(factor.dims) > 1:
+        labeling = ctx.collapse(labeling, dim)
+    elif factor is not None:
+        ctx.inexact(factor, "normalised over channels")
     ctx.set_output(labeling)
 
 

@@ -94,7 +94,7 @@ def _shape_entries(ctx: RuleContext):
 def _declare_shape_constants(ctx: RuleContext, labeling: Labeling | None, entries) -> None:
     for dim, (path, value) in enumerate(entries):
         factor = labeling.factor_at(dim) if labeling is not None else None
-        if factor is not None and ctx.is_constant(value) and value != -1:
+        if factor is not None and ((ctx.is_constant(value) and value != -1) or ctx.reads_channel_sizes_only(value)):
             axis = factor.dims.index(dim)
             ctx.size_arg(path, np.moveaxis(factor.ids, axis, 0).reshape(factor.ids.shape[axis], -1))
 
@@ -112,12 +112,12 @@ def _size_reads(expr) -> list[tuple[Ref, int]]:
 
 
 def _fix_computed_sizes(ctx: RuleContext, labeling: Labeling | None, entries) -> Labeling | None:
-    """A channel dim whose target size is computed from other sizes must be pruned with the channels it reads
-    (``x.view(b, x.size(1), -1)``, ``kv_heads * n_rep``): checked once components are known; a dim that reads no
-    channel size stays whole."""
+    """A channel dim whose target size is computed from batch or spatial sizes must be pruned with the channels it
+    reads (``x.view(b, x.size(1) * x.size(2), -1)``): checked once components are known; a dim that reads no channel
+    size stays whole. One computed from channel sizes alone is rewritten like a constant."""
     for dim, (_, value) in enumerate(entries):
         factor = labeling.factor_at(dim) if labeling is not None else None
-        if factor is None or not isinstance(value, Sym):
+        if factor is None or not isinstance(value, Sym) or ctx.reads_channel_sizes_only(value):
             continue
         sources = [ctx.labels(ref).factor_at(d) for ref, d in _size_reads(value.expr)
                    if isinstance(ref, Ref) and ctx.labels(ref) is not None]
@@ -228,21 +228,20 @@ def channel_shuffle_rule(ctx: RuleContext) -> None:
 # ------------------------------------------------------------------ positional selection
 @channel_rule(*_names(("cat", "concat", "concatenate")))
 def cat_rule(ctx: RuleContext) -> None:
-    """Channels of the concatenated dim keep their order with offsets; other dims are coupled across inputs."""
+    """Channels of the concatenated dim keep their order with offsets; other dims are coupled across inputs. Parts
+    whose concatenated dim is split jointly with the same other dims (the halves of heads x head_dim that rotate-half
+    swaps) stay one joint factor."""
     tensors = ctx.arg(0, "tensors")
-    dim = ctx.arg(1, "dim", 0)
     rank = len(ctx.out_shape)
-    dim %= rank
-    parts, others = [], []
-    for ref in tensors:
-        ids = ctx.along(ref, dim)
-        size = ctx.shape(ref)[dim]
-        if ids is None:
-            ids = ctx.new((size,))
-            ctx.record.block(ids, f"concatenated with channels that cannot be pruned at {ctx.node.describe()}")
-        parts.append(ids)
-        labeling = ctx.labels(ref)
-        others.append(labeling.remap({d: d for d in range(rank) if d != dim}, rank) if labeling else None)
+    dim = ctx.arg(1, "dim", 0) % rank
+    labelings = [ctx.labels(ref) for ref in tensors]
+    joint = [labeling.factor_at(dim) if labeling is not None else None for labeling in labelings]
+    if all(f is not None and len(f.dims) > 1 and f.dims == joint[0].dims for f in joint):
+        axis = joint[0].dims.index(dim)
+        concatenated = Factor(joint[0].dims, np.concatenate([f.ids for f in joint], axis=axis))
+        others = [labeling.replace(f, None) for labeling, f in zip(labelings, joint)]
+    else:
+        concatenated, others = _cat_along(ctx, tensors, dim, rank)
     merged: dict[tuple, np.ndarray] = {}
     for labeling in others:
         for factor in labeling.factors if labeling else ():
@@ -250,8 +249,22 @@ def cat_rule(ctx: RuleContext) -> None:
                 ctx.record.union(merged[factor.dims], factor.ids)
             else:
                 merged[factor.dims] = factor.ids
-    factors = [Factor(d, i) for d, i in merged.items()] + [Factor((dim,), np.concatenate(parts))]
+    factors = [Factor(d, i) for d, i in merged.items()] + [concatenated]
     ctx.set_output(Labeling(rank, tuple(factors)))
+
+
+def _cat_along(ctx: RuleContext, tensors, dim: int, rank: int) -> tuple[Factor, list[Labeling | None]]:
+    """The concatenated dim's 1-d factor (unlabelled parts get blocked ids) and each part's other dims."""
+    parts, others = [], []
+    for ref in tensors:
+        ids = ctx.along(ref, dim)
+        if ids is None:
+            ids = ctx.new((ctx.shape(ref)[dim],))
+            ctx.record.block(ids, f"concatenated with channels that cannot be pruned at {ctx.node.describe()}")
+        parts.append(ids)
+        labeling = ctx.labels(ref)
+        others.append(labeling.remap({d: d for d in range(rank) if d != dim}, rank) if labeling else None)
+    return Factor((dim,), np.concatenate(parts)), others
 
 
 @channel_rule(*_names(("stack",)))
@@ -308,7 +321,7 @@ def _split_rewrite(ids: np.ndarray, bounds: list[tuple[int, int]], dim: int):
 @channel_rule("Tensor.__getitem__")
 def getitem_rule(ctx: RuleContext) -> None:
     """Basic indexing: slices of a channel dim keep their channels (bounds are rewritten); ints drop the dim."""
-    x, labeling, in_shape, out_shape = _in_out(ctx)
+    _, labeling, in_shape, out_shape = _in_out(ctx)
     index = ctx.node.args[1]
     index = index if isinstance(index, tuple) else (index,)
     if any(isinstance(i, Ref) or isinstance(i, (list,)) for i in index):
@@ -333,8 +346,11 @@ def getitem_rule(ctx: RuleContext) -> None:
             in_dim += 1
     while in_dim < len(in_shape):
         mapping[in_dim], in_dim, out_dim = out_dim, in_dim + 1, out_dim + 1
-    for d, (item, _) in slices.items():
-        if labeling is not None and any(isinstance(v, Sym) for v in (item.start, item.stop, item.step)):
+    for d, (item, out) in slices.items():
+        bounds = (item.start, item.stop, item.step)
+        if all(ctx.reads_channel_sizes_only(v) for v in bounds if isinstance(v, Sym)):
+            slices[d] = (slice(*(ctx.captured_value(v) for v in bounds)), out)
+        elif labeling is not None:
             labeling = ctx.collapse(labeling, d)
     if labeling is None:
         return
@@ -355,7 +371,8 @@ def getitem_rule(ctx: RuleContext) -> None:
                 positions = range(in_shape[d])[slice(start, stop)]
                 ids = np.take(ids, list(positions), axis=axis)
                 if len(positions) != in_shape[d]:
-                    ctx.rewrite(_slice_rewrite(ctx.along(x, d), d, positions.start, positions.stop, index))
+                    rows = np.moveaxis(factor.ids, axis, 0).reshape(in_shape[d], -1)
+                    ctx.rewrite(_slice_rewrite(rows, d, positions.start, positions.stop, index))
         else:
             factors.append(Factor(tuple(mapping[d] for d in factor.dims), ids))
     ctx.set_output(Labeling(len(out_shape), tuple(factors)) if factors else None)
@@ -378,9 +395,10 @@ def _advanced_index(ctx: RuleContext, labeling: Labeling | None, index: tuple, r
     ctx.set_output(labeling.remap({d: d + offset for d in range(1, rank)}, out_rank) if labeling else None)
 
 
-def _slice_rewrite(ids: np.ndarray, dim: int, start: int, stop: int, index: tuple):
+def _slice_rewrite(rows: np.ndarray, dim: int, start: int, stop: int, index: tuple):
+    """New bounds from which positions along ``dim`` survive (``rows``: the ids at each position, one row each)."""
     def rewrite(node, removed):
-        keep = ~removed(ids)
+        keep = ~removed(rows).all(axis=1)
         new = slice(int(keep[:start].sum()), int(keep[:stop].sum()))
         items = list(node.args[1] if isinstance(node.args[1], tuple) else (node.args[1],))
         position, seen = 0, 0
