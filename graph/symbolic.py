@@ -239,6 +239,19 @@ class TrainingFlag:
         return f"TrainingFlag({self.value})"
 
 
-def guarded_range(*args):
-    """``range`` while a capture runs: a loop bound computed from a traced size records a guard."""
-    return _builtin_range(*(int(a) if isinstance(a, TracedInt) else a for a in args))
+class _RangeType(type):
+    """Metaclass that makes :class:`guarded_range` stand in for ``range`` in ``isinstance``/``issubclass`` checks."""
+
+    def __instancecheck__(cls, obj: Any) -> bool:
+        return isinstance(obj, _builtin_range)
+
+    def __subclasscheck__(cls, subclass: type) -> bool:
+        return issubclass(subclass, _builtin_range)
+
+
+class guarded_range(metaclass=_RangeType):  # noqa: N801 - stands in for the builtin ``range``
+    """``range`` while a capture runs: a loop bound computed from a traced size records a guard. A class, so code
+    that checks ``isinstance(x, range)`` or builds ``slice | range`` (torch._dynamo, imported lazily) still works."""
+
+    def __new__(cls, *args: Any) -> range:
+        return _builtin_range(*(int(a) if isinstance(a, TracedInt) else a for a in args))

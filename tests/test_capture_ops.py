@@ -133,7 +133,7 @@ def test_capture_leaves_original_model_unchanged(name):
     for module in model.modules():
         assert not module._forward_hooks and not module._forward_pre_hooks
         assert type(module.training) is bool and module.training
-    assert isinstance(builtins.range, type)
+    assert builtins.range.__module__ == "builtins"
     assert symbolic._recorder is None
 
 
@@ -249,3 +249,25 @@ def test_hooks_on_node_modules_and_global_hooks_still_run_at_replay():
     finally:
         handle.remove()
     assert calls.count(nn.Linear) == 1 and calls.count(nn.BatchNorm2d) == 2
+
+
+class RangeCheckNet(nn.Module):
+    """Loops over a range built from a size and checks ``isinstance(..., range)``, as library code does."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        steps = range(x.shape[0])
+        assert isinstance(steps, range) and issubclass(type(steps), range)
+        return torch.stack([self.linear(x[i]) for i in steps])
+
+
+def test_range_passes_isinstance_checks_during_capture_and_the_loop_replays():
+    torch.manual_seed(0)
+    model = RangeCheckNet()
+    net = capture(model, torch.randn(2, 4))
+    x = torch.randn(2, 4)
+    assert_outputs_close(model(x), net(x))
+    assert builtins.range.__module__ == "builtins"
