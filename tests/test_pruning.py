@@ -334,3 +334,30 @@ def test_swin_exact_groups_prune_like_masking(name):
         pruned, masked = rnet.prune_channels(plan)(x), rnet.mask_channels(plan)(x)
     assert_outputs_close(masked, pruned)
     assert (masked - model(x)).abs().max() > 1e-4
+
+
+def test_pruned_network_saves_loads_draws_and_exports_with_its_smaller_shapes(tmp_path):
+    onnxruntime = pytest.importorskip("onnxruntime", reason="ONNX export check needs onnxruntime (extra 'test')")
+    from graph import load
+
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(weights=None).eval()
+    pruned = prune(capture(model, torch.randn(1, 3, 32, 32)), channel_ratio=0.5, round_to=8)
+    x = torch.randn(2, 3, 40, 40)
+    writers = {"pkl": lambda path: pruned.save(pkl=path), "json": lambda path: pruned.save_to_json(file=path),
+               "vnmodel": lambda path: pruned.save_to_vnmodel(pkl=path, model_base_size_hw=(32, 32))}
+    with torch.no_grad():
+        expected = pruned(x)
+        for suffix, write in writers.items():
+            write(str(tmp_path / f"small.{suffix}"))
+            loaded = load(str(tmp_path / f"small.{suffix}"))
+            assert_outputs_close(expected, loaded(x))
+            assert parameter_count(loaded) == parameter_count(pruned) < 0.3 * parameter_count(model)
+    source = open(loaded.draw(tmp_path / "small.dot")).read()
+    conv = loaded.module_of(loaded.node("layer1.0.conv1"))
+    assert conv.out_channels < model.layer1[0].conv1.out_channels
+    assert f"layer1.0.conv1\\nConv2d\\n{conv.in_channels}→{conv.out_channels}\\n" in source
+    onnx_path = loaded.export_onnx(str(tmp_path / "small.onnx"), x)
+    session = onnxruntime.InferenceSession(onnx_path, providers=["CPUExecutionProvider"])
+    (got,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    assert_outputs_close(expected, torch.from_numpy(got), rtol=1e-4)
