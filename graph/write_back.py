@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import copy
 import re
+from collections import defaultdict
+from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
 import torch
@@ -29,13 +31,24 @@ from .layer_sync import snapshot, sync_attributes
 from .modules import FunctionalOp, ParameterNode
 from .registry import registers_in
 
-SIZE_REWRITERS: dict[str, Callable[[nn.Module, nn.Module, dict[int, torch.Tensor]], None]] = {}
+
+
+@dataclass
+class SizeChanges:
+    """What pruning changed, by module path of the copy: ``dims`` the ``(old, new)`` size of every dim of every tensor
+    in the module's subtree; ``constants`` the int constants of ops called in the module's own forward that pruning
+    rewrote (``split(64)`` -> ``split(48)``), old value -> set of new values (unchanged ones map to themselves)."""
+
+    dims: dict[str, list[tuple[int, int]]]
+    constants: dict[str, dict[int, set[int]]]
+
+
+SIZE_REWRITERS: dict[str, Callable[[nn.Module, nn.Module, SizeChanges], None]] = {}
 rewrites_sizes = registers_in(SIZE_REWRITERS)
-"""Register ``rewrite(top, root, new_tensors)`` under a class name; the first name in the top model's MRO wins.
+"""Register ``rewrite(top, root, changes)`` under a class name; the first name in the top model's MRO wins.
 
 ``top`` is the pruned copy (tensors already replaced), ``root`` the sub-module the network was captured from and
-``new_tensors`` maps ``id`` of every replaced tensor of the unpruned copy to its pruned replacement (see
-:func:`_old_dims`)."""
+``changes`` the :class:`SizeChanges` of pruning."""
 
 # Config fields that channel pruning can change (aliases such as GPT-2's ``n_head`` resolve through the config's
 # ``attribute_map``); ``head_dim`` is not one of them: pruning removes whole heads.
@@ -46,37 +59,73 @@ _SUFFIX = re.compile(r"^(.*)_(\d+)$")
 
 
 def apply_plan(model: nn.Module, rnet, plan, root: str = "", inputs: tuple[tuple, dict] | None = None,
-               rtol: float = 1e-5) -> nn.Module:
+               rtol: float = 1e-5, fit_config: bool = True) -> nn.Module:
     """A pruned deep copy of ``model`` (same class, methods and submodule names); ``model`` is left untouched.
 
     ``rnet`` was captured from ``model.get_submodule(root)`` (``root=""``: the whole model; ``"backbone"``: a
     detector's backbone, whose pruned copy then runs inside the whole detector). ``plan`` maps channel groups of
-    ``rnet`` to removed indices, as for :func:`graph.pruning.prune_channels`. See :func:`write_back` for ``inputs``
-    and ``rtol``.
+    ``rnet`` to removed indices, as for :func:`graph.pruning.prune_channels`. See :func:`write_back` for ``inputs``,
+    ``rtol`` and ``fit_config``.
     """
-    return write_back(model, rnet.prune_channels(plan), root=root, inputs=inputs, rtol=rtol)
+    return write_back(model, rnet, rnet.prune_channels(plan), root=root, inputs=inputs, rtol=rtol,
+                      fit_config=fit_config)
 
 
-def write_back(model: nn.Module, pruned, root: str = "", inputs: tuple[tuple, dict] | None = None,
-               rtol: float = 1e-5) -> nn.Module:
-    """A deep copy of ``model`` holding the tensors of ``pruned`` (a pruned network captured from
-    ``model.get_submodule(root)``), with the sizes its forward reads rewritten, verified on ``inputs``.
+def write_back(model: nn.Module, rnet, pruned, root: str = "", inputs: tuple[tuple, dict] | None = None,
+               rtol: float = 1e-5, fit_config: bool = True) -> nn.Module:
+    """A deep copy of ``model`` holding the tensors of ``pruned`` (``rnet``, captured from
+    ``model.get_submodule(root)``, after pruning), with the sizes its forward reads rewritten, verified on ``inputs``.
 
     ``inputs`` is ``(args, kwargs)`` for the sub-module's forward (default: ``pruned.example_inputs()``, tensors of
     ones at the captured shapes); the copy's output must match the pruned network's to ``rtol`` relative to the
     output's largest magnitude. Raises :class:`PruningError` when a node names no module or parameter of the model,
     when a Hugging Face config cannot hold the pruned sizes (heads or widths that differ between layers, or head
     pruning in a model that derives its head size from the hidden size), or when verification fails.
+
+    ``fit_config=False`` skips the model-class rewriter (a Hugging Face config is left as it was) and resizes the
+    modules' own attributes by tensor widths and rewritten constants alone: the way to keep pruned GPT-2 or BERT heads, whose sizes no config can
+    hold. The copy is verified as always and runs, ``generate`` included, but ``from_pretrained`` cannot rebuild it
+    from its unchanged config: save it with ``torch.save``.
     """
     top = copy.deepcopy(model)
     sub = _submodule(top, root)
     new_tensors = _pruned_tensors(sub, pruned)
-    old_dims = _old_dims(top, new_tensors)
+    changes = SizeChanges(_old_dims(top, new_tensors), _rewritten_constants(rnet, pruned, root))
     _replace_tensors(top, new_tensors)
-    rewriter = next((SIZE_REWRITERS[cls.__name__] for cls in type(top).__mro__ if cls.__name__ in SIZE_REWRITERS))
-    rewriter(top, sub, old_dims)
+    rewriter = next((SIZE_REWRITERS[cls.__name__] for cls in type(top).__mro__ if cls.__name__ in SIZE_REWRITERS)) \
+        if fit_config else _rewrite_by_width
+    rewriter(top, sub, changes)
     _verify(sub, pruned, inputs if inputs is not None else pruned.example_inputs(), rtol)
     return top
+
+
+def _rewritten_constants(rnet, pruned, root: str) -> dict[str, dict[int, set[int]]]:
+    """Per module path of the copy: the int constants of functional ops called in that module's forward, each
+    before pruning -> its values after."""
+    constants: dict[str, dict[int, set[int]]] = defaultdict(lambda: defaultdict(set))
+    for before, after in zip(rnet.graph_nodes, pruned.graph_nodes):
+        if before.key is None or not isinstance(rnet.nodes[before.key], FunctionalOp):
+            continue
+        scope = ".".join(p for p in (root, before.name.rpartition(".")[0]) if p)
+        for old, new in _int_pairs((before.args, before.kwargs), (after.args, after.kwargs)):
+            constants[scope][old].add(new)
+    return constants
+
+
+def _int_pairs(before: Any, after: Any) -> Iterator[tuple[int, int]]:
+    """``(old, new)`` for every int at the same place of two argument structures; an int that became a list of
+    equal ints (``split(64)`` rewritten as ``split([48, 48, 48])``) pairs with that int."""
+    if type(before) is int and type(after) is int:
+        yield before, after
+    elif type(before) is int and isinstance(after, (tuple, list)) and after and len(set(after)) == 1 \
+            and type(after[0]) is int:
+        yield before, after[0]
+    elif isinstance(before, (tuple, list)) and isinstance(after, (tuple, list)):
+        for a, b in zip(before, after):
+            yield from _int_pairs(a, b)
+    elif isinstance(before, dict) and isinstance(after, dict):
+        for key in before.keys() & after.keys():
+            yield from _int_pairs(before[key], after[key])
 
 
 def _submodule(top: nn.Module, root: str) -> nn.Module:
@@ -166,28 +215,33 @@ def _replace_tensors(top: nn.Module, new_tensors: dict[int, torch.Tensor]) -> No
 
 
 @rewrites_sizes("Module")
-def _rewrite_by_width(top: nn.Module, root: nn.Module, old_dims: dict[str, list[tuple[int, int]]]) -> None:
+def _rewrite_by_width(top: nn.Module, root: nn.Module, changes: SizeChanges) -> None:
     """Any model: an int attribute of a traced-into module that equals an old width of the tensors below it is set to
-    the new width when all dims of that old width agree on it (an ambiguous one is left for verification to judge);
-    an attribute named after heads (``num_heads``) is scaled by the head size (``head_dim``)."""
+    the new width when all dims of that old width agree on it; an attribute named after heads (``num_heads``) is
+    scaled by the head size (``head_dim``). Where dims of that width disagree (a pruned head projection beside the
+    unpruned hidden size, both 64 wide), the constants pruning rewrote in the module's own forward decide
+    (``split(self.split_size)``); if they do not, the attribute is left for verification to judge."""
     for name, module in top.named_modules():
-        dims = old_dims.get(name, ())
+        dims = changes.dims.get(name, ())
         if not any(old != new for old, new in dims):
             continue
         head_dim = next((getattr(module, a) for a in ("head_dim", "attention_head_size")
                          if isinstance(getattr(module, a, None), int)), None)
+        constants = changes.constants.get(name, {})
         for attribute, value in list(vars(module).items()):
             if type(value) is not int or attribute.startswith("_"):
                 continue
             counts_heads = "head" in attribute and not any(w in attribute for w in ("dim", "size"))
             unit = head_dim if counts_heads and head_dim else 1
             targets = {new // unit for old, new in dims if old == value * unit and new % unit == 0}
+            if len(targets) > 1:
+                targets = {new // unit for new in constants.get(value * unit, ()) if new % unit == 0}
             if len(targets) == 1 and value not in targets:
                 setattr(module, attribute, targets.pop())
 
 
 @rewrites_sizes("PreTrainedModel")
-def _rewrite_hf_config(top: nn.Module, root: nn.Module, old_dims: dict) -> None:
+def _rewrite_hf_config(top: nn.Module, root: nn.Module, changes: SizeChanges) -> None:
     """A Hugging Face model: fit the config's size fields to the pruned shapes (so ``save_pretrained`` and
     ``from_pretrained`` round-trip), then give every module the int attributes a model built from it would have."""
     config = top.config
@@ -205,7 +259,7 @@ def _rewrite_hf_config(top: nn.Module, root: nn.Module, old_dims: dict) -> None:
                 f"the {type(config).__name__} cannot hold the pruned sizes: with {changed or 'no field changed'} "
                 f"{name} would have shape {tuple(tensor.shape)}, the pruned model has {shapes.get(name)}. Sizes that "
                 "differ between layers, or heads pruned in a model whose head size is derived from its hidden size, "
-                "cannot be written in the config; prune every layer alike")
+                "cannot be written in the config; prune every layer alike (or pass fit_config=False)")
     modules, old_modules = dict(top.named_modules()), dict(before.named_modules())
     for name, module in after.named_modules():
         target, old = modules.get(name), old_modules.get(name)
@@ -264,7 +318,7 @@ def _fit_config(top: nn.Module, config, before: nn.Module) -> dict[str, int]:
                 f"the {type(config).__name__} cannot hold the pruned sizes: {field} would be {a:g} for {name_a} (dim "
                 f"{dim_a}) but {b:g} for {name_b} (dim {dim_b}). A config cannot hold sizes that differ between "
                 "layers, nor pruned heads in a model that derives its head size from its hidden size (GPT-2, BERT): "
-                "prune every layer alike, or leave such heads unpruned")
+                "prune every layer alike, leave such heads unpruned, or pass fit_config=False to keep the config as it is")
         if implied:
             value = next(iter(implied))
             if value != int(value) or value < 1:

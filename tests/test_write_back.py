@@ -173,9 +173,69 @@ def test_gpt2_mlp_channels_write_back_but_heads_do_not_fit_its_config():
         apply_plan(model, rnet, {g: [0] for g in heads}, inputs=((ids,), {"use_cache": False}))
 
 
+def test_gpt2_heads_write_back_with_the_config_kept_and_generate_the_greedy_tokens():
+    model = hf_models.gpt2("eager")
+    ids, _ = hf_models.token_inputs(1, 8, padded=False)
+    rnet = capture(model, ids, use_cache=False)
+    heads = [g for g in rnet.channel_groups() for m in g.members
+             if m.node.endswith("attn.c_proj.weight") and m.dim == 0 and g.size == HEADS]
+    plan = {heads[0]: [1], heads[1]: [0, 3]}
+    pruned = apply_plan(model, rnet, plan, inputs=((ids,), {"use_cache": False}), fit_config=False)
+    assert pruned.transformer.h[1].attn.c_attn.weight.shape == (hf_models.HIDDEN, 3 * 2 * HEAD_DIM)
+    assert pruned.config.n_head == HEADS == model.config.n_head
+    small = rnet.prune_channels(plan)
+    with torch.no_grad():
+        generated = pruned.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=5, do_sample=False)
+        greedy = ids
+        for _ in range(5):
+            greedy = torch.cat([greedy, small(greedy, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)], 1)
+    assert torch.equal(generated, greedy)
+
+
+def test_bert_heads_written_back_with_the_config_kept_equal_the_original_with_their_columns_zeroed():
+    model = hf_models.bert("eager")
+    ids, mask = hf_models.token_inputs(2, 8, padded=True)
+    rnet = capture(model, ids, attention_mask=mask)
+    groups = _attention_and_mlp_groups(rnet, "encoder.layer.{i}.attention.output.dense",
+                                       "encoder.layer.{i}.output.dense")
+    heads = [(g, m, path) for g, m, path in groups if "attention" in path]
+    plan = {g: [i] for i, (g, _, _) in enumerate(heads)}
+    masked = hf_models.bert("eager")
+    with torch.no_grad():
+        for group, member, path in heads:
+            columns = torch.as_tensor(member.positions[plan[group]].ravel())
+            masked.get_submodule(path).weight.index_fill_(1, columns, 0)
+    pruned = apply_plan(model, rnet, plan, inputs=((ids,), {"attention_mask": mask}), fit_config=False)
+    assert pruned.encoder.layer[0].attention.self.query.weight.shape == ((HEADS - 1) * HEAD_DIM, hf_models.HIDDEN)
+    other, other_mask = hf_models.token_inputs(3, 11, padded=True, seed=4)
+    with torch.no_grad():
+        _assert_close(pruned(other, attention_mask=other_mask).last_hidden_state,
+                      masked(other, attention_mask=other_mask).last_hidden_state)
+
+
+class _ChannelMean(nn.Module):
+    """Averages each of ``width`` channels over space, with the width passed in by its parent."""
+
+    def forward(self, y: torch.Tensor, width: int) -> torch.Tensor:
+        return y.reshape(y.shape[0], width, -1).mean(-1)
+
+
 class _FixedWidthView(nn.Module):
-    """Reshapes by a stored channel count that equals both its convolution's input and output width, so write-back
-    cannot tell whether pruning the output changes it."""
+    """Hands a stored channel count to a child module's forward; it equals both its convolution's input and output
+    width, and no op of its own forward reads it, so write-back cannot tell whether pruning the output changes it."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(8, 8, 1)
+        self.pool = _ChannelMean()
+        self.width = 8
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pool(self.conv(x), self.width)
+
+
+class _OwnReshape(nn.Module):
+    """Reads the same kind of stored width in a reshape of its own forward: the rewritten constant settles it."""
 
     def __init__(self):
         super().__init__()
@@ -188,10 +248,10 @@ class _FixedWidthView(nn.Module):
 
 
 class _Net(nn.Module):
-    def __init__(self):
+    def __init__(self, block: type = _FixedWidthView):
         super().__init__()
         self.stem = nn.Conv2d(3, 8, 3, padding=1)
-        self.block = _FixedWidthView()
+        self.block = block()
         self.head = nn.Linear(8, 4)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -204,5 +264,19 @@ def test_a_size_left_unrewritten_is_reported_naming_the_module_whose_forward_rea
     x = torch.randn(2, 3, 6, 6)
     rnet = capture(model, x)
     group = next(g for g in rnet.channel_groups() for m in g.members if (m.node, m.dim) == ("block.conv", 0))
-    with pytest.raises(PruningError, match=r"block \(_FixedWidthView\) depends on a size"):
+    with pytest.raises(PruningError, match=r"block.pool \(_ChannelMean\) depends on a size"):
         apply_plan(model, rnet, {group: [0, 3, 5, 6]}, inputs=((x,), {}))
+
+
+def test_a_width_read_by_a_reshape_of_the_modules_own_forward_is_rewritten():
+    torch.manual_seed(0)
+    model = _Net(_OwnReshape).eval()
+    x = torch.randn(2, 3, 6, 6)
+    rnet = capture(model, x)
+    group = next(g for g in rnet.channel_groups() for m in g.members if (m.node, m.dim) == ("block.conv", 0))
+    plan = {group: [0, 3, 5, 6]}
+    pruned = apply_plan(model, rnet, plan, inputs=((x,), {}))
+    assert pruned.block.width == 4 and model.block.width == 8
+    with torch.no_grad():
+        _assert_close(pruned(torch.randn(3, 3, 5, 5, generator=torch.Generator().manual_seed(2))),
+                      rnet.mask_channels(plan)(torch.randn(3, 3, 5, 5, generator=torch.Generator().manual_seed(2))))
