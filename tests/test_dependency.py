@@ -505,3 +505,41 @@ def test_roll_along_spatial_dims_passes_channels_and_along_channels_blocks_them(
     assert members_of(spatial) == conv_members("c1", "out") | conv_members("c2", "in")
     channel = group_with(captured(RollNet()), "c1")
     assert not channel.prunable and "torch.roll shifts along this channel dim" in channel.reason
+
+
+class ScaledEmbedding(nn.Embedding):
+    """An ``nn.Embedding`` subclass that overrides ``forward`` (as Gemma's scaled word embedding), so capture traces
+    into it and sees ``F.embedding``."""
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return super().forward(ids) * 2.0
+
+
+class ScaledEmbeddingNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed, self.fc = ScaledEmbedding(20, 6), nn.Linear(6, 3)
+
+    def forward(self, ids):
+        return self.fc(torch.relu(self.embed(ids)))
+
+
+def test_functional_embedding_columns_are_a_named_only_group_and_its_rows_stay():
+    torch.manual_seed(0)
+    model = ScaledEmbeddingNet().eval()
+    ids = torch.randint(0, 20, (2, 5))
+    rnet = capture(model, ids)
+    hidden = group_with(rnet, "embed.weight", tensor="value", dim=1)
+    assert (hidden.size, hidden.prunable, hidden.explicit_only) == (6, True, True)
+    assert members_of(hidden) == {("embed.weight", "value", 1), ("fc", "weight", 1)}
+    rows = group_with(rnet, "embed.weight", tensor="value", dim=0)
+    assert not rows.prunable and "looked up by the input's values" in rows.reason
+    plan = {hidden: [1, 4]}
+    other = torch.randint(0, 20, (3, 7))
+    with torch.no_grad():
+        pruned, masked = rnet.prune_channels(plan)(other), rnet.mask_channels(plan)(other)
+        weight = model.embed.weight.clone()
+        weight[:, [1, 4]] = 0
+        by_hand = model.fc(torch.relu(F.embedding(other, weight) * 2.0))
+    assert torch.allclose(pruned, masked, atol=1e-6) and torch.allclose(pruned, by_hand, atol=1e-6)
+    assert not torch.allclose(pruned, model(other), atol=1e-3)

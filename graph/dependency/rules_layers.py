@@ -97,6 +97,23 @@ def embedding_rule(ctx: RuleContext) -> None:
     ctx.set_output(Labeling.single(len(ctx.out_shape), -1, out_ids))
 
 
+@channel_rule("torch.nn.functional.embedding", "torch.embedding")
+def functional_embedding_rule(ctx: RuleContext) -> None:
+    """``F.embedding(ids, weight)`` (an ``nn.Embedding`` subclass that scales its output is traced into): the output's
+    last dim carries the weight's columns, pruned only when named like the embedding layer's; the rows are indexed by
+    the input's values and stay."""
+    weight = ctx.arg(1, "weight")
+    labeling = ctx.labels(weight)
+    if labeling is None or len(ctx.shape(weight)) != 2:
+        ctx.block(labeling, "an embedding table that is not a 2-D parameter")
+        return
+    ctx.block(ctx.along(weight, 0), "embedding rows are looked up by the input's values")
+    columns = ctx.along(weight, 1)
+    ctx.explicit_only(columns, "the hidden size of the residual stream that starts at this embedding: pruned only "
+                               "when a plan names this group")
+    ctx.set_output(Labeling.single(len(ctx.out_shape), -1, columns) if columns is not None else None)
+
+
 def _channel_params(ctx: RuleContext, names: tuple[str, ...], ids, role: str = "param") -> None:
     for name in names:
         if getattr(ctx.module, name, None) is not None:
