@@ -290,8 +290,9 @@ def _size_fields(config) -> list[str]:
 
 
 def _fit_config(top: nn.Module, config, before: nn.Module) -> dict[str, int]:
-    """New values of the config's size fields that explain the pruned shapes: each is read off the tensor dims that
-    field alone (among the size fields) scales, found by building the model with the field doubled."""
+    """New values of the config's size fields that explain the pruned shapes, read off the tensor dims each field
+    scales (found by building the model with the field doubled); a dim several fields scale (Phi-3's fused qkv rows:
+    query and key/value heads) is used once all but one of them are known."""
     base = {name: tuple(t.shape) for name, t in before.state_dict().items()}
     scales: dict[str, dict[tuple[str, int], float]] = {}
     for field in _size_fields(config):
@@ -306,28 +307,44 @@ def _fit_config(top: nn.Module, config, before: nn.Module) -> dict[str, int]:
         scales[field] = {(name, d): (shapes[name][d] - size) / getattr(config, field)
                          for name, shape in base.items() for d, size in enumerate(shape) if shapes[name][d] != size}
     pruned = {name: tuple(t.shape) for name, t in top.state_dict().items()}
-    fitted: dict[str, int] = {}
-    for field, dims in scales.items():
-        implied: dict[float, tuple[str, int]] = {}
-        for (name, d), scale in dims.items():
-            if sum((name, d) in other for other in scales.values()) == 1 and name in pruned:
-                implied.setdefault(getattr(config, field) + (pruned[name][d] - base[name][d]) / scale, (name, d))
-        if len(implied) > 1:
-            (a, (name_a, dim_a)), (b, (name_b, dim_b)) = list(implied.items())[:2]
-            raise PruningError(
-                f"the {type(config).__name__} cannot hold the pruned sizes: {field} would be {a:g} for {name_a} (dim "
-                f"{dim_a}) but {b:g} for {name_b} (dim {dim_b}). A config cannot hold sizes that differ between "
-                "layers, nor pruned heads in a model that derives its head size from its hidden size (GPT-2, BERT): "
-                "prune every layer alike, leave such heads unpruned, or pass fit_config=False to keep the config as it is")
-        if implied:
-            value = next(iter(implied))
-            if value != int(value) or value < 1:
-                name, d = implied[value]
-                raise PruningError(f"the {type(config).__name__} cannot hold the pruned sizes: {name} (dim {d}) "
-                                   f"would need {field} = {value:g}")
-            if value != getattr(config, field):
-                fitted[field] = int(value)
-    return fitted
+    known: dict[str, float] = {}
+    while True:  # fields read off dims they alone scale first, then dims whose other fields are already known
+        found = {field: implied for field in scales if field not in known
+                 if (implied := _implied_values(config, field, scales, known, base, pruned))}
+        if not found:
+            break
+        for field, implied in found.items():
+            known[field] = _one_value(config, field, implied)
+    return {field: int(value) for field, value in known.items() if value != getattr(config, field)}
+
+
+def _implied_values(config, field: str, scales: dict, known: dict[str, float], base: dict, pruned: dict) -> dict:
+    """``value -> (tensor, dim)`` for each value of ``field`` that a pruned dim implies, over the dims every other
+    field scaling them is known for (each dim's size is affine in the fields, as the doubled builds measured)."""
+    implied: dict[float, tuple[str, int]] = {}
+    for (name, d), scale in scales[field].items():
+        others = [other for other in scales if other != field and (name, d) in scales[other]]
+        if name not in pruned or any(other not in known for other in others):
+            continue
+        rest = sum(scales[other][name, d] * (known[other] - getattr(config, other)) for other in others)
+        implied.setdefault(getattr(config, field) + (pruned[name][d] - base[name][d] - rest) / scale, (name, d))
+    return implied
+
+
+def _one_value(config, field: str, implied: dict[float, tuple[str, int]]) -> float:
+    """The single whole value all dims agree on for ``field``, else a :class:`PruningError` naming two that differ."""
+    if len(implied) > 1:
+        (a, (name_a, dim_a)), (b, (name_b, dim_b)) = list(implied.items())[:2]
+        raise PruningError(
+            f"the {type(config).__name__} cannot hold the pruned sizes: {field} would be {a:g} for {name_a} (dim "
+            f"{dim_a}) but {b:g} for {name_b} (dim {dim_b}). A config cannot hold sizes that differ between "
+            "layers, nor pruned heads in a model that derives its head size from its hidden size (GPT-2, BERT): "
+            "prune every layer alike, leave such heads unpruned, or pass fit_config=False to keep the config as it is")
+    value, (name, d) = next(iter(implied.items()))
+    if value != int(value) or value < 1:
+        raise PruningError(f"the {type(config).__name__} cannot hold the pruned sizes: {name} (dim {d}) "
+                           f"would need {field} = {value:g}")
+    return value
 
 
 def _verify(sub: nn.Module, pruned, inputs: tuple[tuple, dict], rtol: float) -> None:

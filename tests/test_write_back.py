@@ -213,6 +213,27 @@ def test_bert_heads_written_back_with_the_config_kept_equal_the_original_with_th
                       masked(other, attention_mask=other_mask).last_hidden_state)
 
 
+def test_phi3_fused_qkv_heads_fit_both_head_counts_and_round_trip(tmp_path):
+    import transformers
+
+    config = transformers.Phi3Config(vocab_size=hf_models.VOCAB, hidden_size=hf_models.HIDDEN, num_hidden_layers=LAYERS,
+                                     num_attention_heads=HEADS, num_key_value_heads=2, intermediate_size=INTERMEDIATE,
+                                     max_position_embeddings=128, pad_token_id=0, bos_token_id=0, eos_token_id=0)
+    torch.manual_seed(0)
+    model = transformers.Phi3ForCausalLM(config).eval()
+    ids, _ = hf_models.token_inputs(2, 8, padded=False)
+    rnet = capture(model, ids, use_cache=False)
+    heads = [g for g, _, path in _attention_and_mlp_groups(rnet, "model.layers.{i}.self_attn.o_proj",
+                                                           "model.layers.{i}.mlp.down_proj") if "o_proj" in path]
+    pruned = apply_plan(model, rnet, {g: [1] for g in heads}, inputs=((ids,), {"use_cache": False}))
+    assert (pruned.config.num_attention_heads, pruned.config.num_key_value_heads) == (2, 1)
+    assert pruned.model.layers[0].self_attn.qkv_proj.weight.shape == ((2 + 2 * 1) * HEAD_DIM, hf_models.HIDDEN)
+    pruned.save_pretrained(tmp_path)
+    loaded = transformers.Phi3ForCausalLM.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        _assert_close(loaded(ids).logits, rnet.prune_channels({g: [1] for g in heads})(ids, use_cache=False).logits)
+
+
 class _ChannelMean(nn.Module):
     """Averages each of ``width`` channels over space, with the width passed in by its parent."""
 
