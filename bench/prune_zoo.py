@@ -28,9 +28,8 @@ import platform
 import statistics
 import sys
 import time
-import traceback
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from typing import Any, Callable
+from typing import Any
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -41,8 +40,8 @@ import torchvision  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from bench.zoo import build, family, native_size, relative_error, run_json_child, write_atomically  # noqa: E402
-from bench.zoo import zoo_names  # noqa: E402
+from bench.zoo import (add_side_arguments, build, failure, failure_section, family, native_size,  # noqa: E402
+                       relative_error, run_json_child, timed, write_atomically, zoo_names)
 from graph import capture  # noqa: E402
 from graph.capture import iter_tensors  # noqa: E402
 from graph.pruning import mask_channels, plan_by_ratio, prune_channels  # noqa: E402
@@ -71,12 +70,6 @@ def _same_shapes(reference: Any, other: Any) -> bool:
     return len(ref) == len(out) and all(pa == pb and a.shape == b.shape for (pa, a), (pb, b) in zip(ref, out))
 
 
-def _timed(fn: Callable[[], Any]) -> tuple[Any, float]:
-    start = time.process_time()
-    value = fn()
-    return value, time.process_time() - start
-
-
 def _setup(name: str) -> tuple[nn.Module, torch.Tensor, Any]:
     """The seeded model, its input and its reference output (identical for both sides)."""
     torch.manual_seed(0)
@@ -88,29 +81,20 @@ def _setup(name: str) -> tuple[nn.Module, torch.Tensor, Any]:
     return model, x, reference
 
 
-def _failure(stage: str, error: BaseException) -> dict:
-    """The exception's type and first message line, the stage it happened in and its last frames."""
-    message = (str(error).strip().splitlines() or [""])[0][:300]
-    frames = traceback.extract_tb(error.__traceback__)[-4:]
-    return {"stage": stage, "error": f"{type(error).__name__}: {message}",
-            "frames": [f"{os.path.relpath(f.filename, ROOT) if f.filename.startswith(ROOT) else f.filename}:"
-                       f"{f.lineno} {f.name}" for f in frames]}
-
-
 def measure_ours(name: str) -> dict:
     """Capture, dependency analysis, 50% L2 pruning, forward, exactness, MACs and params for one model."""
     model, x, reference = _setup(name)
     result: dict = {"name": name, "macs_before": _macs(model, x)}
     stage = "capture"
     try:
-        rnet, result["capture_s"] = _timed(lambda: capture(model, x))
+        rnet, result["capture_s"] = timed(lambda: capture(model, x))
         result["params_before"] = _params(rnet)
         stage = "channel_groups"
-        groups, result["groups_s"] = _timed(rnet.channel_groups)
+        groups, result["groups_s"] = timed(rnet.channel_groups)
         result["groups"], result["prunable"] = len(groups), sum(g.prunable for g in groups)
         stage = "prune"
-        plan, plan_s = _timed(lambda: plan_by_ratio(rnet, RATIO, "l2"))
-        pruned, prune_s = _timed(lambda: prune_channels(rnet, plan))
+        plan, plan_s = timed(lambda: plan_by_ratio(rnet, RATIO, "l2"))
+        pruned, prune_s = timed(lambda: prune_channels(rnet, plan))
         result["plan_s"], result["prune_s"] = plan_s, plan_s + prune_s
         result["pruned_groups"] = len(plan)
         result["inexact_groups"] = sum(not g.exact for g in plan)
@@ -124,7 +108,7 @@ def measure_ours(name: str) -> dict:
         stage = "count MACs (FlopCounterMode)"
         result["macs_after"], result["params_after"] = _macs(pruned, x), _params(pruned)
     except Exception as error:  # noqa: BLE001 - every failure is a benchmark result
-        result.update(_failure(stage, error))
+        result.update(failure(stage, error))
     return result
 
 
@@ -171,11 +155,11 @@ def measure_peer(name: str) -> dict:
                     "tp_macs_before": int(tp_macs), "ignored": len(ignored)}
     stage = "build (MetaPruner)"
     try:
-        pruner, result["build_s"] = _timed(lambda: tp.pruner.MetaPruner(
+        pruner, result["build_s"] = timed(lambda: tp.pruner.MetaPruner(
             model, x, importance=tp.importance.MagnitudeImportance(p=2), pruning_ratio=RATIO,
             ignored_layers=ignored))
         stage = "step"
-        _, result["prune_s"] = _timed(pruner.step)
+        _, result["prune_s"] = timed(pruner.step)
         stage = "forward after pruning"
         with torch.no_grad():
             out = model(x)
@@ -184,7 +168,7 @@ def measure_peer(name: str) -> dict:
         result["macs_after"], result["params_after"] = _macs(model, x), _params(model)
         result["tp_macs_after"] = int(tp.utils.count_ops_and_params(model, x)[0])
     except Exception as error:  # noqa: BLE001 - every failure is a benchmark result
-        result.update(_failure(stage, error))
+        result.update(failure(stage, error))
     return result
 
 
@@ -338,13 +322,8 @@ def report(results: list[dict], command: str, threads: int, jobs: int, timeout: 
 
 def _failures(results: list[dict]) -> list[str]:
     """Our failures with stage, exception and last frames (library bugs)."""
-    lines = []
-    for result in results:
-        ours = result["ours"]
-        if not ok(ours):
-            lines.append(f"- {result['name']}: {_cause(ours)}")
-            lines.extend(f"    - {frame}" for frame in ours.get("frames", []))
-    return ["## Models we failed to prune", "", *lines, ""] if lines else []
+    return failure_section("Models we failed to prune", [(r["name"], _cause(r["ours"]), r["ours"]) for r in results
+                                                        if not ok(r["ours"])])
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -352,12 +331,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", help="comma-separated model names (default: the whole zoo)")
     parser.add_argument("--jobs", type=int, default=1, help="models measured at the same time")
-    parser.add_argument("--skip-peer", action="store_true", help="run only our side")
-    parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads in each child")
-    parser.add_argument("--timeout", type=float, default=300, help="seconds per model and side")
-    parser.add_argument("--out", default=DEFAULT_OUT, help="markdown report path")
-    parser.add_argument("--child", help=argparse.SUPPRESS)
-    parser.add_argument("--side", choices=sorted(SIDES), help=argparse.SUPPRESS)
+    add_side_arguments(parser, list(SIDES), timeout=300, out=DEFAULT_OUT)
     args = parser.parse_args(argv)
     if args.child:
         torch.set_num_threads(args.threads)

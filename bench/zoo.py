@@ -1,11 +1,14 @@
-"""Shared pieces of the torchvision-zoo benchmarks: the model list, building a model, its input side, per-model
-subprocesses with a timeout, output comparison and atomic report writing."""
+"""Shared pieces of the benchmarks: the torchvision model list, building a model, its input side, per-model
+subprocesses with a timeout, CPU timing, failure records, output comparison and atomic report writing."""
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
-from typing import Any
+import time
+import traceback
+from typing import Any, Callable
 
 import torch
 import torchvision
@@ -74,6 +77,42 @@ def run_json_child(command: list[str], name: str, timeout: float) -> dict:
         tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
         return {"name": name, "error": f"exit {done.returncode}: {tail[:200]}"}
     return json.loads(lines[-1])
+
+
+def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
+    """``(fn(), process CPU seconds it took)``."""
+    start = time.process_time()
+    value = fn()
+    return value, time.process_time() - start
+
+
+def failure(stage: str, error: BaseException) -> dict:
+    """The exception's type and first message line, the stage it happened in and its last frames."""
+    message = (str(error).strip().splitlines() or [""])[0][:300]
+    frames = traceback.extract_tb(error.__traceback__)[-4:]
+    return {"stage": stage, "error": f"{type(error).__name__}: {message}",
+            "frames": [f"{os.path.relpath(f.filename, ROOT) if f.filename.startswith(ROOT) else f.filename}:"
+                       f"{f.lineno} {f.name}" for f in frames]}
+
+
+def failure_section(title: str, failed: list[tuple[str, str, dict]]) -> list[str]:
+    """Markdown lines listing ``(model, cause, result)`` failures with the last frames of each result."""
+    lines = []
+    for name, cause, result in failed:
+        lines.append(f"- {name}: {cause}")
+        lines.extend(f"    - {frame}" for frame in result.get("frames", []))
+    return [f"## {title}", "", *lines, ""] if lines else []
+
+
+def add_side_arguments(parser: argparse.ArgumentParser, sides: list[str], timeout: float, out: str) -> None:
+    """The options every ours-vs-peer benchmark takes: ``--skip-peer``, ``--threads``, ``--timeout``, ``--out``, and
+    the hidden ``--child NAME --side SIDE`` of its per-model subprocesses."""
+    parser.add_argument("--skip-peer", action="store_true", help="run only our side")
+    parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads in each child")
+    parser.add_argument("--timeout", type=float, default=timeout, help="seconds per model and side")
+    parser.add_argument("--out", default=out, help="markdown report path")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--side", choices=sorted(sides), help=argparse.SUPPRESS)
 
 
 def write_atomically(path: str, text: str) -> None:
