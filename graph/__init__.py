@@ -6,5 +6,6 @@ from .pruning import mask_channels, plan_by_ratio, prune, prune_channels
 from .serialization import load
 from .write_back import apply_plan
 
-__all__ = ["capture", "ReconstructedNetwork", "load", "apply_plan", "prune", "prune_channels", "mask_channels", "plan_by_ratio",
+__all__ = ["capture", "ReconstructedNetwork", "load", "apply_plan", "prune", "prune_channels", "mask_channels",
+           "plan_by_ratio",
            "GraphError", "CaptureError", "ReplayError", "FileFormatError", "PruningError"]

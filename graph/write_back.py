@@ -83,9 +83,9 @@ def write_back(model: nn.Module, rnet, pruned, root: str = "", inputs: tuple[tup
     pruning in a model that derives its head size from the hidden size), or when verification fails.
 
     ``fit_config=False`` skips the model-class rewriter (a Hugging Face config is left as it was) and resizes the
-    modules' own attributes by tensor widths and rewritten constants alone: the way to keep pruned GPT-2 or BERT heads, whose sizes no config can
-    hold. The copy is verified as always and runs, ``generate`` included, but ``from_pretrained`` cannot rebuild it
-    from its unchanged config: save it with ``torch.save``.
+    modules' own attributes by tensor widths and rewritten constants alone: the way to keep pruned GPT-2 or BERT
+    heads, whose sizes no config can hold. The copy is verified as always and runs, ``generate`` included, but
+    ``from_pretrained`` cannot rebuild it from its unchanged config: save it with ``torch.save``.
     """
     top = copy.deepcopy(model)
     sub = _submodule(top, root)
