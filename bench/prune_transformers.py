@@ -364,7 +364,7 @@ def measure_peer(key: str) -> dict:
     _peer_stage(result, "forward", forward)
     sample = inputs(family, REPLAY_BATCH, REPLAY_LENGTHS[1], seed=3)
     result["reload_diff"] = _peer_stage(result, "save_pretrained / from_pretrained",
-                                        lambda: _round_trip(model, attention, sample))
+                                        lambda: _round_trip(model, attention, sample, pretrained=True))
     if causal(family):
         ids = inputs(family, BATCH, LENGTH, seed=4)[0][0]
         result["generate_ok"] = _peer_stage(result, "generate", lambda: _generate(model, ids) is not None)
