@@ -80,7 +80,7 @@ def main() -> None:
           f"params {sum(p.numel() for p in rnet.parameters()):,d}")
     print(f"pruned    accuracy {accuracy(pruned, test_x, test_y):.3f}, "
           f"params {sum(p.numel() for p in pruned.parameters()):,d}; pruned vs masked max |diff| {gap:.1e}")
-    fit(pruned, train_x, train_y, epochs=8, label="fine-tune")
+    fit(pruned, train_x, train_y, epochs=15, label="fine-tune")
     print(f"fine-tuned accuracy {accuracy(pruned, test_x, test_y):.3f}")
 
     os.makedirs(args.out, exist_ok=True)
