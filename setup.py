@@ -23,7 +23,8 @@ setup(
     extras_require={
         "test": ["pytest>=7", "torchvision<=0.29.1", "onnx", "onnxruntime", "onnxscript", "hypothesis"],
         "hf": ["transformers>=4.45"],
-        "bench": ["torch-pruning>=1.6,<1.7", "torchvision<=0.29.1", "onnxruntime"],
+        "bench": ["torch-pruning>=1.6,<1.7", "torchvision<=0.29.1", "onnx", "onnxruntime", "onnxscript",
+                  "transformers>=4.45"],
     },
     entry_points={"console_scripts": ["amc=amc.cli:main"]},
 )
