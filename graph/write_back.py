@@ -428,10 +428,6 @@ def _describe(sub: nn.Module, path: str) -> str:
     return f"{path or 'the root'} ({type(sub.get_submodule(path)).__name__})"
 
 
-def _parent(path: str) -> str:
-    return path.rpartition(".")[0]
-
-
 def _close(actual: Any, expected: Any, rtol: float) -> bool:
     """True when both nested outputs hold tensors of the same shapes that agree to ``rtol`` of the largest value."""
     a, b = list(iter_tensors(actual)), list(iter_tensors(expected))

@@ -7,8 +7,6 @@ loop over the pruned captured network, and ``from_pretrained`` of what ``save_pr
 """
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 import torch.nn as nn

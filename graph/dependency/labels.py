@@ -23,6 +23,12 @@ class Factor:
     dims: tuple[int, ...]
     ids: np.ndarray
 
+    def rows(self, dim: int) -> np.ndarray:
+        """The ids at each position along tensor dim ``dim``, one row per position (the factor's other dims
+        flattened)."""
+        axis = self.dims.index(dim)
+        return np.moveaxis(self.ids, axis, 0).reshape(self.ids.shape[axis], -1)
+
 
 @dataclass(frozen=True)
 class Labeling:

@@ -95,8 +95,7 @@ def _declare_shape_constants(ctx: RuleContext, labeling: Labeling | None, entrie
     for dim, (path, value) in enumerate(entries):
         factor = labeling.factor_at(dim) if labeling is not None else None
         if factor is not None and ((ctx.is_constant(value) and value != -1) or ctx.reads_channel_sizes_only(value)):
-            axis = factor.dims.index(dim)
-            ctx.size_arg(path, np.moveaxis(factor.ids, axis, 0).reshape(factor.ids.shape[axis], -1))
+            ctx.size_arg(path, factor.rows(dim))
 
 
 _COMPUTED_SIZE = "the target size of this channel dim is computed from sizes that pruning it leaves unchanged"
@@ -371,8 +370,7 @@ def getitem_rule(ctx: RuleContext) -> None:
                 positions = range(in_shape[d])[slice(start, stop)]
                 ids = np.take(ids, list(positions), axis=axis)
                 if len(positions) != in_shape[d]:
-                    rows = np.moveaxis(factor.ids, axis, 0).reshape(in_shape[d], -1)
-                    ctx.rewrite(_slice_rewrite(rows, d, positions.start, positions.stop, index))
+                    ctx.rewrite(_slice_rewrite(factor.rows(d), d, positions.start, positions.stop, index))
         else:
             factors.append(Factor(tuple(mapping[d] for d in factor.dims), ids))
     ctx.set_output(Labeling(len(out_shape), tuple(factors)) if factors else None)
