@@ -1,13 +1,23 @@
-"""The ``amc`` command line: ``amc inspect MODEL`` prints a network's node table; ``amc prune MODEL`` prunes it."""
+"""The ``amc`` command line: ``amc inspect MODEL`` prints a network's node table; ``amc prune MODEL`` prunes it.
+
+Other subcommands (``compress``, ``finetune``, ``search``) live in modules of their own, listed in
+``COMMAND_MODULES``; each has ``register(commands)`` that adds its parser to the subcommands.
+"""
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
+import random
 import sys
 
 import torch
 
 from graph.errors import GraphError
+
+
+SAVED_SUFFIXES = (".pkl", ".pt", ".json", ".vnmodel")
+COMMAND_MODULES: tuple[str, ...] = ()
 
 
 def load_network(model: str, input_size: tuple[int, ...]):
@@ -16,6 +26,8 @@ def load_network(model: str, input_size: tuple[int, ...]):
         from graph.serialization import load
 
         return load(model)
+    if model.lower().endswith(SAVED_SUFFIXES) or os.sep in model:
+        raise FileNotFoundError(f"file not found: {model}")
     import torchvision
 
     from graph import capture
@@ -24,6 +36,26 @@ def load_network(model: str, input_size: tuple[int, ...]):
         raise ValueError(f"unknown model {model!r}: give a torchvision model name or a saved network file")
     network = torchvision.models.get_model(model, weights=None).eval()
     return capture(network, torch.randn(*input_size))
+
+
+def check_output_path(path: str | None) -> None:
+    """Fail before any work when ``path``'s directory does not exist (the save happens at the very end)."""
+    if path is None:
+        return
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"output directory does not exist: {directory}")
+
+
+def seed_everything(seed: int | None) -> None:
+    """Seed Python's, numpy's and torch's generators (``--seed``) so random models and data orders repeat."""
+    if seed is None:
+        return
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
 
 
 def _input_size(text: str) -> tuple[int, ...]:
@@ -60,6 +92,7 @@ def prune_command(args: argparse.Namespace) -> int:
 
     if args.output:
         writer_for(args.output)
+        check_output_path(args.output)
     rnet = load_network(args.model, args.input_size)
     options = dict(importance=args.importance, round_to=args.round_to, global_ranking=args.global_ranking,
                    ignore=args.ignore)
@@ -76,14 +109,24 @@ def prune_command(args: argparse.Namespace) -> int:
         print(f"{label:10s} {old:16,d} {new:16,d} {new / max(old, 1):7.3f}")
     if args.output:
         print(f"saved to {save(pruned, args.output)}")
+    else:
+        print("not saved: give -o PATH (.pkl, .json or .vnmodel) to keep the pruned network")
     return 0
 
 
 def _parser() -> argparse.ArgumentParser:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        installed = version("amc-compress")
+    except PackageNotFoundError:
+        installed = "unknown (not installed)"
     parser = argparse.ArgumentParser(prog="amc", description="Capture, inspect and compress PyTorch networks.")
+    parser.add_argument("--version", action="version", version=f"amc-compress {installed}")
+    parser.add_argument("--seed", type=int, help="seed Python, numpy and torch (random models, data order)")
     commands = parser.add_subparsers(dest="command", required=True)
     model_help = "torchvision model name (random weights) or saved network (.pkl/.json/.vnmodel)"
-    size_help = "example input shape for a torchvision model, comma-separated"
+    size_help = "example input shape for a torchvision model, batch dim included, comma-separated (N,C,H,W)"
 
     inspect = commands.add_parser("inspect", help="print a network's node table (op, shape, params, MACs)")
     inspect.add_argument("model", help=model_help)
@@ -104,12 +147,15 @@ def _parser() -> argparse.ArgumentParser:
     prune.add_argument("--max-groups", type=int, default=40, help="rows of the group table to print")
     prune.add_argument("-o", "--output", help="where to save the pruned network (.pkl, .json or .vnmodel)")
     prune.set_defaults(run=prune_command)
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(commands)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``amc`` console script; returns the exit status (2 for bad input)."""
     args = _parser().parse_args(argv)
+    seed_everything(args.seed)
     try:
         return args.run(args)
     except (ValueError, OSError, GraphError) as error:

@@ -1,6 +1,6 @@
 """Benchmark CPU latency of pruned networks: does removing half the multiply-adds make a network faster?
 
-For each model (torchvision resnet50, mobilenet_v2 and vgg16 at 224x224, the 4-level UNet of ``bench/unet.py`` at
+For each model (torchvision resnet50, mobilenet_v2 and vgg16 at 224x224, the 4-level UNet of ``amc/models.py`` at
 256x256; random weights, eval mode) the network is captured at batch 1 and pruned with
 ``graph.prune(rnet, flops_target=0.5, importance="l2", round_to=r)`` for r in None, 8 and 16. Then, at every batch
 size, the latency of the unpruned and pruned networks is measured side by side:
@@ -41,7 +41,7 @@ import torch.nn as nn  # noqa: E402
 import torchvision  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from bench.unet import UNet  # noqa: E402
+from amc.models import UNet  # noqa: E402
 from graph import capture, prune  # noqa: E402
 from graph.pruning import multiply_adds  # noqa: E402
 from graph.serialization.atomic import atomic_path  # noqa: E402
