@@ -19,12 +19,13 @@ setup(
         "scikit-learn>=1.3",
         "tensorboardX>=2.6",
         "tqdm>=4.60",
+        "matplotlib>=3.7",
     ],
     extras_require={
-        "test": ["pytest>=7", "torchvision<=0.29.1", "onnx", "onnxruntime", "onnxscript", "hypothesis"],
+        "test": ["pytest>=7", "torchvision<=0.29.1", "onnx", "onnxruntime", "onnxscript", "hypothesis", "timm>=1.0"],
         "hf": ["transformers>=4.45"],
         "bench": ["torch-pruning>=1.6,<1.7", "torchvision<=0.29.1", "onnx", "onnxruntime", "onnxscript",
-                  "transformers>=4.45"],
+                  "transformers>=4.45", "matplotlib>=3.7"],
     },
     entry_points={"console_scripts": ["amc=amc.cli:main"]},
 )
