@@ -25,7 +25,7 @@ setup(
         "test": ["pytest>=7", "torchvision<=0.29.1", "onnx", "onnxruntime", "onnxscript", "hypothesis", "timm>=1.0"],
         "hf": ["transformers>=4.45"],
         "bench": ["torch-pruning>=1.6,<1.7", "torchvision<=0.29.1", "onnx", "onnxruntime", "onnxscript",
-                  "transformers>=4.45", "matplotlib>=3.7"],
+                  "transformers>=4.45"],
     },
     entry_points={"console_scripts": ["amc=amc.cli:main"]},
 )
