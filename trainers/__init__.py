@@ -8,7 +8,8 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-_EXPORTS = {"BaseTrainer": "basetrainer", "BaseDistiller": "basedistiller", "ClassificationTrainer": "classification"}
+_EXPORTS = {"BaseTrainer": "basetrainer", "BaseDistiller": "basedistiller", "ClassificationTrainer": "classification",
+            "finetune": "finetune"}
 
 
 def __getattr__(name: str) -> Any:
