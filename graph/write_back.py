@@ -7,10 +7,13 @@ after its module path and a ``param`` node after its parameter path (a second ca
 ``_1`` suffix). Three steps follow the tensor copy:
 
 * leaf modules' size attributes are synced from their new tensors (:func:`graph.layer_sync.sync_attributes`);
-* the sizes that traced-into modules read in their forward are rewritten by the first handler registered for the
-  model's class (:data:`SIZE_REWRITERS`): a Hugging Face model gets a new config fitted to the pruned shapes, and
-  its modules the attributes a model built from that config has; any other model's int attributes are rewritten
-  where they equal exactly one old width of the tensors below them;
+* the sizes that traced-into modules read in their forward are rewritten by the handlers registered for module
+  classes (:data:`SIZE_REWRITERS`): every Hugging Face model inside the copy, at the root or held by the user's own
+  module (a wrapper around ``AutoModelForCausalLM``, a classifier head around a backbone), gets its config fitted
+  to the pruned shapes (:mod:`graph.config_fit`; per-stage list fields and sub-configs included) and its modules
+  the attributes a model built from that config has; the int attributes of every other module are rewritten where
+  they equal exactly one old width of the tensors below them; a module outside those models that holds a config
+  none of them refitted is refused;
 * the copy's output on the example inputs must equal the pruned network's, else :class:`PruningError` names the
   first module (in forward order) whose output differs or whose forward failed.
 """
@@ -26,11 +29,11 @@ import torch
 import torch.nn as nn
 
 from .capture import iter_tensors
+from .config_fit import ConfigFitter, is_config, pin_head_dim, set_field, shapes_of, sub_configs
 from .errors import PruningError
 from .layer_sync import snapshot, sync_attributes
 from .modules import FunctionalOp, ParameterNode
 from .registry import registers_in
-
 
 
 @dataclass
@@ -43,18 +46,13 @@ class SizeChanges:
     constants: dict[str, dict[int, set[int]]]
 
 
-SIZE_REWRITERS: dict[str, Callable[[nn.Module, nn.Module, SizeChanges], None]] = {}
+SIZE_REWRITERS: dict[str, Callable[[nn.Module, SizeChanges], None]] = {}
 rewrites_sizes = registers_in(SIZE_REWRITERS)
-"""Register ``rewrite(top, root, changes)`` under a class name; the first name in the top model's MRO wins.
+"""Register ``rewrite(module, changes)`` under a class name: it rewrites the sizes of every module whose class (the
+first name of its MRO found here) is registered, and of that module's whole subtree; ``"Module"`` is the fallback
+for the rest of the model. ``module`` is the pruned copy's sub-module (tensors already replaced), ``changes`` the
+:class:`SizeChanges` of pruning with paths relative to it."""
 
-``top`` is the pruned copy (tensors already replaced), ``root`` the sub-module the network was captured from and
-``changes`` the :class:`SizeChanges` of pruning."""
-
-# Config fields that channel pruning can change (aliases such as GPT-2's ``n_head`` resolve through the config's
-# ``attribute_map``); ``head_dim`` is not one of them: pruning removes whole heads.
-CONFIG_SIZE_FIELDS = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "n_inner",
-                      "ffn_dim", "encoder_ffn_dim", "decoder_ffn_dim", "encoder_attention_heads",
-                      "decoder_attention_heads", "moe_intermediate_size", "shared_expert_intermediate_size")
 _SUFFIX = re.compile(r"^(.*)_(\d+)$")
 
 
@@ -79,8 +77,10 @@ def write_back(model: nn.Module, rnet, pruned, root: str = "", inputs: tuple[tup
     ``inputs`` is ``(args, kwargs)`` for the sub-module's forward (default: ``pruned.example_inputs()``, tensors of
     ones at the captured shapes); the copy's output must match the pruned network's to ``rtol`` relative to the
     output's largest magnitude. Raises :class:`PruningError` when a node names no module or parameter of the model,
-    when a Hugging Face config cannot hold the pruned sizes (heads or widths that differ between layers, or head
-    pruning in a model that derives its head size from the hidden size), or when verification fails.
+    when a Hugging Face config cannot hold the pruned sizes (heads or widths that differ between layers, head
+    pruning in a model that derives its head size from the hidden size, channels no config field counts:
+    :func:`graph.config_plan.config_expressible_plan` restricts a plan to what the configs hold), when a module holds
+    a config apply_plan cannot refit, or when verification fails.
 
     ``fit_config=False`` skips the model-class rewriter (a Hugging Face config is left as it was) and resizes the
     modules' own attributes by tensor widths and rewritten constants alone: the way to keep pruned GPT-2 or BERT
@@ -92,11 +92,60 @@ def write_back(model: nn.Module, rnet, pruned, root: str = "", inputs: tuple[tup
     new_tensors = _pruned_tensors(sub, pruned)
     changes = SizeChanges(_old_dims(top, new_tensors), _rewritten_constants(rnet, pruned, root))
     _replace_tensors(top, new_tensors)
-    rewriter = next((SIZE_REWRITERS[cls.__name__] for cls in type(top).__mro__ if cls.__name__ in SIZE_REWRITERS)) \
-        if fit_config else _rewrite_by_width
-    rewriter(top, sub, changes)
+    _rewrite_sizes(top, changes, fit_config)
     _verify(sub, pruned, inputs if inputs is not None else pruned.example_inputs(), rtol)
     return top
+
+
+def _rewrite_sizes(top: nn.Module, changes: SizeChanges, fit_config: bool) -> None:
+    """Run the registered rewriter of every outermost module whose class has one (each Hugging Face model inside the
+    copy, wherever it sits) on its subtree, when pruning changed a tensor there, then the fallback on the rest.
+    Refuses a module outside them that holds a Hugging Face config none of them refitted, as its config would go
+    stale. ``fit_config=False``: the fallback rewrites the whole copy and configs are left as they were."""
+    claimed: list[str] = []
+    refitted: set[int] = set()
+    for name, module in top.named_modules() if fit_config else ():
+        rewriter = _own_rewriter(module)
+        if rewriter is None or any(_within(name, owner) for owner in claimed):
+            continue
+        claimed.append(name)
+        relative = _relative(changes, name)
+        if any(old != new for old, new in relative.dims.get("", ())):
+            rewriter(module, relative)
+            refitted.update(id(config) for config in _configs_of(module))
+    for name, module in top.named_modules() if fit_config else ():
+        config = getattr(module, "config", None)
+        if is_config(config) and id(config) not in refitted and not any(_within(name, owner) for owner in claimed) \
+                and any(old != new for old, new in changes.dims.get(name, ())):
+            raise PruningError(f"{name or 'the model'} ({type(module).__name__}) holds a {type(config).__name__} that "
+                               "apply_plan cannot refit (it refits the configs of Hugging Face PreTrainedModels), so "
+                               "it would no longer describe the pruned sizes; pass fit_config=False to keep it as it is")
+    rest = SizeChanges({path: dims for path, dims in changes.dims.items()
+                        if not any(_within(path, owner) for owner in claimed)}, changes.constants)
+    _rewrite_by_width(top, rest)
+
+
+def _own_rewriter(module: nn.Module) -> Callable[[nn.Module, SizeChanges], None] | None:
+    """The rewriter registered for the module's class (first name of its MRO), other than the fallback."""
+    return next((SIZE_REWRITERS[cls.__name__] for cls in type(module).__mro__
+                 if cls.__name__ in SIZE_REWRITERS and cls is not nn.Module), None)
+
+
+def _within(path: str, owner: str) -> bool:
+    return owner == "" or path == owner or path.startswith(owner + ".")
+
+
+def _relative(changes: SizeChanges, owner: str) -> SizeChanges:
+    """``changes`` of the subtree at ``owner``, keyed by paths relative to it."""
+    def strip(path: str) -> str:
+        return path[len(owner) + 1:] if owner and path != owner else ("" if path == owner else path)
+    return SizeChanges({strip(p): d for p, d in changes.dims.items() if _within(p, owner)},
+                       {strip(p): c for p, c in changes.constants.items() if _within(p, owner)})
+
+
+def _configs_of(module: nn.Module) -> list:
+    config = getattr(module, "config", None)
+    return list(sub_configs(config)) if is_config(config) else []
 
 
 def _rewritten_constants(rnet, pruned, root: str) -> dict[str, dict[int, set[int]]]:
@@ -215,7 +264,7 @@ def _replace_tensors(top: nn.Module, new_tensors: dict[int, torch.Tensor]) -> No
 
 
 @rewrites_sizes("Module")
-def _rewrite_by_width(top: nn.Module, root: nn.Module, changes: SizeChanges) -> None:
+def _rewrite_by_width(top: nn.Module, changes: SizeChanges) -> None:
     """Any model: an int attribute of a traced-into module that equals an old width of the tensors below it is set to
     the new width when all dims of that old width agree on it; an attribute named after heads (``num_heads``) is
     scaled by the head size (``head_dim``). Where dims of that width disagree (a pruned head projection beside the
@@ -241,26 +290,16 @@ def _rewrite_by_width(top: nn.Module, root: nn.Module, changes: SizeChanges) -> 
 
 
 @rewrites_sizes("PreTrainedModel")
-def _rewrite_hf_config(top: nn.Module, root: nn.Module, changes: SizeChanges) -> None:
-    """A Hugging Face model: fit the config's size fields to the pruned shapes (so ``save_pretrained`` and
+def _rewrite_hf_config(model: nn.Module, changes: SizeChanges) -> None:
+    """A Hugging Face model: fit its config's size fields to the pruned shapes (so ``save_pretrained`` and
     ``from_pretrained`` round-trip), then give every module the int attributes a model built from it would have."""
-    config = top.config
-    _pin_head_dim(config)
-    before = _build_on_meta(top, config)
-    fields = _fit_config(top, config, before)
-    changed = {field: (getattr(config, field), value) for field, value in fields.items()}
+    fitter = ConfigFitter(model)
+    fields = fitter.fit(shapes_of(model))
+    pin_head_dim(model.config)
     for field, value in fields.items():
-        setattr(config, field, value)
-    after = _build_on_meta(top, config)
-    shapes = {name: tuple(t.shape) for name, t in top.state_dict().items()}
-    for name, tensor in after.state_dict().items():
-        if shapes.get(name) != tuple(tensor.shape):
-            raise PruningError(
-                f"the {type(config).__name__} cannot hold the pruned sizes: with {changed or 'no field changed'} "
-                f"{name} would have shape {tuple(tensor.shape)}, the pruned model has {shapes.get(name)}. Sizes that "
-                "differ between layers, or heads pruned in a model whose head size is derived from its hidden size, "
-                "cannot be written in the config; prune every layer alike (or pass fit_config=False)")
-    modules, old_modules = dict(top.named_modules()), dict(before.named_modules())
+        set_field(model.config, field, value)
+    after = fitter.build(model.config)
+    modules, old_modules = dict(model.named_modules()), dict(fitter.before.named_modules())
     for name, module in after.named_modules():
         target, old = modules.get(name), old_modules.get(name)
         if target is None or old is None:
@@ -268,83 +307,6 @@ def _rewrite_hf_config(top: nn.Module, root: nn.Module, changes: SizeChanges) ->
         for attribute, value in vars(module).items():
             if type(value) is int and vars(old).get(attribute) != value and type(vars(target).get(attribute)) is int:
                 setattr(target, attribute, value)
-
-
-def _pin_head_dim(config) -> None:
-    """Write the head size into a config that derives it (``hidden_size // num_attention_heads``), so models that read
-    ``config.head_dim`` keep it when heads are pruned; the value is the one the model already uses."""
-    heads, hidden = getattr(config, "num_attention_heads", None), getattr(config, "hidden_size", None)
-    if type(getattr(config, "head_dim", None)) is not int and type(heads) is int and type(hidden) is int and heads:
-        config.head_dim = hidden // heads
-
-
-def _build_on_meta(top: nn.Module, config) -> nn.Module:
-    with torch.device("meta"):
-        return type(top)(config)
-
-
-def _size_fields(config) -> list[str]:
-    """The config's int size fields, by their real attribute names (aliases resolved, duplicates dropped)."""
-    names = dict.fromkeys(config.attribute_map.get(f, f) for f in CONFIG_SIZE_FIELDS)
-    return [n for n in names if type(vars(config).get(n)) is int and vars(config)[n] > 0]
-
-
-def _fit_config(top: nn.Module, config, before: nn.Module) -> dict[str, int]:
-    """New values of the config's size fields that explain the pruned shapes, read off the tensor dims each field
-    scales (found by building the model with the field doubled); a dim several fields scale (Phi-3's fused qkv rows:
-    query and key/value heads) is used once all but one of them are known."""
-    base = {name: tuple(t.shape) for name, t in before.state_dict().items()}
-    scales: dict[str, dict[tuple[str, int], float]] = {}
-    for field in _size_fields(config):
-        doubled = copy.deepcopy(config)
-        setattr(doubled, field, 2 * getattr(config, field))
-        try:
-            shapes = {name: tuple(t.shape) for name, t in _build_on_meta(top, doubled).state_dict().items()}
-        except Exception:  # this value is not a valid configuration: the field is not fitted
-            continue
-        if shapes.keys() != base.keys():
-            continue
-        scales[field] = {(name, d): (shapes[name][d] - size) / getattr(config, field)
-                         for name, shape in base.items() for d, size in enumerate(shape) if shapes[name][d] != size}
-    pruned = {name: tuple(t.shape) for name, t in top.state_dict().items()}
-    known: dict[str, float] = {}
-    while True:  # fields read off dims they alone scale first, then dims whose other fields are already known
-        found = {field: implied for field in scales if field not in known
-                 if (implied := _implied_values(config, field, scales, known, base, pruned))}
-        if not found:
-            break
-        for field, implied in found.items():
-            known[field] = _one_value(config, field, implied)
-    return {field: int(value) for field, value in known.items() if value != getattr(config, field)}
-
-
-def _implied_values(config, field: str, scales: dict, known: dict[str, float], base: dict, pruned: dict) -> dict:
-    """``value -> (tensor, dim)`` for each value of ``field`` that a pruned dim implies, over the dims every other
-    field scaling them is known for (each dim's size is affine in the fields, as the doubled builds measured)."""
-    implied: dict[float, tuple[str, int]] = {}
-    for (name, d), scale in scales[field].items():
-        others = [other for other in scales if other != field and (name, d) in scales[other]]
-        if name not in pruned or any(other not in known for other in others):
-            continue
-        rest = sum(scales[other][name, d] * (known[other] - getattr(config, other)) for other in others)
-        implied.setdefault(getattr(config, field) + (pruned[name][d] - base[name][d] - rest) / scale, (name, d))
-    return implied
-
-
-def _one_value(config, field: str, implied: dict[float, tuple[str, int]]) -> float:
-    """The single whole value all dims agree on for ``field``, else a :class:`PruningError` naming two that differ."""
-    if len(implied) > 1:
-        (a, (name_a, dim_a)), (b, (name_b, dim_b)) = list(implied.items())[:2]
-        raise PruningError(
-            f"the {type(config).__name__} cannot hold the pruned sizes: {field} would be {a:g} for {name_a} (dim "
-            f"{dim_a}) but {b:g} for {name_b} (dim {dim_b}). A config cannot hold sizes that differ between "
-            "layers, nor pruned heads in a model that derives its head size from its hidden size (GPT-2, BERT): "
-            "prune every layer alike, leave such heads unpruned, or pass fit_config=False to keep the config as it is")
-    value, (name, d) = next(iter(implied.items()))
-    if value != int(value) or value < 1:
-        raise PruningError(f"the {type(config).__name__} cannot hold the pruned sizes: {name} (dim {d}) "
-                           f"would need {field} = {value:g}")
-    return value
 
 
 def _verify(sub: nn.Module, pruned, inputs: tuple[tuple, dict], rtol: float) -> None:

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import torch.nn as nn
 
 from ..ir import Ref
 from .context import Member, RuleContext, SizeArg
@@ -86,6 +87,7 @@ class DependencyGraph:
         self._block_outputs()
         self._couple_shared_tensors()
         self.component = self._resolve()
+        self._block_constant_dims()
         self.groups = self._make_groups()
 
     def shape_of(self, ref: Ref) -> Any:
@@ -137,6 +139,26 @@ class DependencyGraph:
                 break
             component = self.record.components()
         return component
+
+    def _block_constant_dims(self) -> None:
+        """Block every component that no parameter produces or carries: its members are dims of buffers and
+        constants (a relative-position coordinate table) and their consumers, so its positions are data, not channels.
+        """
+        sourced = np.zeros(int(self.component.max()) + 1 if self.component.size else 0, dtype=bool)
+        tensors = []
+        for member in self.members:
+            tensor = _get_tensor(self.rnet.nodes[self.rnet.graph_nodes[member.node].key], member.tensor)
+            if member.role != "in" and isinstance(tensor, nn.Parameter):
+                sourced[self.component[member.ids]] = True
+            elif not isinstance(tensor, nn.Parameter):
+                tensors.append((member, tensor))
+        for member, tensor in tensors:
+            ids = np.asarray(member.ids).ravel()
+            unsourced = ids[~sourced[self.component[ids]]]
+            if unsourced.size:
+                node = self.rnet.graph_nodes[member.node]
+                self.record.block(unsourced, f"holds no channels: {node.name} is a buffer or constant, and no "
+                                             "parameter produces this dim")
 
     def _enforce_size_constraints(self, component: np.ndarray) -> bool:
         """Couple (and block) each computed-size dim whose elements are not coupled with the sizes it reads."""
