@@ -28,13 +28,21 @@ from .base import CompressionError, run_network
 @dataclass
 class LayerStatistics:
     """Running second moments of one layer: ``xtx`` = ``XᵀX`` (F×F), ``xty`` = ``XᵀY`` (F×n), ``yty`` = ``YᵀY``
-    (n×n, or None when not asked for), ``count`` rows. With ``append_ones`` the last column of ``X`` is a constant
-    1, so a bias can be fitted with the weights. All float64."""
+    (n×n, or None when not asked for), ``energy`` = ``‖Y‖²``, ``count`` rows. With ``append_ones`` the last column
+    of ``X`` is a constant 1, so a bias can be fitted with the weights. All float64."""
 
     xtx: torch.Tensor
     xty: torch.Tensor
     yty: torch.Tensor | None
-    count: int
+    energy: float = 0.0
+    count: int = 0
+
+    def error(self, solution: torch.Tensor, columns: torch.Tensor | None = None) -> float:
+        """``‖Y - X[:, columns] · solution‖²`` (all columns when None) from the moments alone; ``solution`` is
+        (columns × n), i.e. the transposed weight matrix."""
+        solution = solution.double()
+        xtx, xty = (self.xtx, self.xty) if columns is None else (self.xtx[columns][:, columns], self.xty[columns])
+        return float(self.energy - 2 * (solution * xty).sum() + (solution * (xtx @ solution)).sum())
 
     def update(self, x: torch.Tensor, y: torch.Tensor) -> None:
         """Add the rows ``x`` (rows×F) and their targets ``y`` (rows×n)."""
@@ -43,6 +51,7 @@ class LayerStatistics:
         self.xty += x.T @ y
         if self.yty is not None:
             self.yty += y.T @ y
+        self.energy += float(y.square().sum())
         self.count += x.shape[0]
 
 
@@ -209,7 +218,7 @@ def collect_layer_statistics(network, nodes: Iterable[str], batches: Iterable[An
                     zeros = dict(dtype=torch.float64, device=x.device)
                     stats[name] = LayerStatistics(torch.zeros(width, width, **zeros),
                                                   torch.zeros(width, outputs, **zeros),
-                                                  torch.zeros(outputs, outputs, **zeros) if targets_gram else None, 0)
+                                                  torch.zeros(outputs, outputs, **zeros) if targets_gram else None)
                 stats[name].update(x, y)
 
             if reference is None:
@@ -217,6 +226,112 @@ def collect_layer_statistics(network, nodes: Iterable[str], batches: Iterable[An
             else:
                 _observe_until(reference, wanted, inputs, take_targets)
                 _observe_until(network, wanted, inputs, take_inputs)
+    if not stats:
+        raise CompressionError("no calibration batches: the loader (or trainset_ratio of it) yielded nothing")
+    return stats
+
+
+@dataclass
+class ResponseStatistics:
+    """Running moments of one layer's responses at the sampled positions: ``approx`` rows ``A`` (the layer's output
+    in the network being compressed) and ``target`` rows ``T`` (its output in the reference), both n wide.
+    ``aa`` = ``AᵀA``, ``ta`` = ``TᵀA``, ``tt`` = ``TᵀT``, ``sum_a``/``sum_t`` the column sums, ``count`` rows; the
+    first ``keep_rows`` rows of each are also kept (for solvers that need the samples themselves, such as a
+    reconstruction through a nonlinearity). All float64."""
+
+    aa: torch.Tensor
+    ta: torch.Tensor
+    tt: torch.Tensor
+    sum_a: torch.Tensor
+    sum_t: torch.Tensor
+    count: int
+    keep_rows: int
+    rows_a: list[torch.Tensor]
+    rows_t: list[torch.Tensor]
+
+    @classmethod
+    def empty(cls, width: int, keep_rows: int, device: torch.device) -> "ResponseStatistics":
+        """Zero moments for ``width`` channels."""
+        def zeros(*shape: int) -> torch.Tensor:
+            return torch.zeros(*shape, dtype=torch.float64, device=device)
+        return cls(zeros(width, width), zeros(width, width), zeros(width, width), zeros(width), zeros(width), 0,
+                   keep_rows, [], [])
+
+    def update(self, approx: torch.Tensor, target: torch.Tensor) -> None:
+        """Add paired rows (rows×n each)."""
+        a, t = approx.double(), target.double()
+        self.aa += a.T @ a
+        self.ta += t.T @ a
+        self.tt += t.T @ t
+        self.sum_a += a.sum(0)
+        self.sum_t += t.sum(0)
+        room = self.keep_rows - sum(rows.shape[0] for rows in self.rows_a)
+        if room > 0:
+            self.rows_a.append(a[:room].cpu())
+            self.rows_t.append(t[:room].cpu())
+        self.count += a.shape[0]
+
+    def kept_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The kept ``(approx, target)`` rows, each (kept×n)."""
+        return torch.cat(self.rows_a), torch.cat(self.rows_t)
+
+
+def response_rows_extractor(module: nn.Module) -> RowExtractor | None:
+    """The handler that reads output rows of ``module`` (any ``groups``: only its output is read), or None."""
+    return next((ROW_EXTRACTORS[cls] for cls in type(module).__mro__ if cls in ROW_EXTRACTORS), None)
+
+
+def collect_response_statistics(network, nodes: Iterable[str], batches: Iterable[Any], *, reference=None,
+                                samples_per_example: int = 10, keep_rows: int = 0,
+                                seed: int = 0) -> dict[str, ResponseStatistics]:
+    """Running :class:`ResponseStatistics` of the named layers' *outputs* over ``batches``: at
+    ``samples_per_example`` positions per example (seeded by ``seed``), the output rows of each node in ``network``
+    (``A``) and, at the same positions, in ``reference`` (``T``; ``network`` itself without one). Only n×n moments
+    are kept, so this is cheaper than :func:`collect_layer_statistics` when a solver works on responses (data-driven
+    low-rank decomposition). Raises :class:`CompressionError` like :func:`collect_layer_statistics`."""
+    nodes = list(dict.fromkeys(nodes))
+    for name in nodes:
+        try:
+            node = network.node(name)
+        except KeyError:
+            raise CompressionError(f"{name!r} is not a node of this network") from None
+        if node.key is None or response_rows_extractor(network.module_of(node)) is None:
+            raise CompressionError(f"{name!r} ({node.op}) is not a layer whose output rows can be read "
+                                   f"(supported: {', '.join(sorted(t.__name__ for t in ROW_EXTRACTORS))})")
+    if samples_per_example < 1:
+        raise CompressionError(f"samples per example must be positive, got {samples_per_example}")
+    extractors = {name: response_rows_extractor(network.module_of(network.node(name))) for name in nodes}
+    generator = torch.Generator().manual_seed(seed)
+    stats: dict[str, ResponseStatistics] = {}
+    wanted = set(nodes)
+    with torch.no_grad():
+        for inputs in batches:
+            targets: dict[str, tuple[torch.Tensor, torch.Size, torch.Tensor]] = {}
+
+            def take_targets(name: str, args: tuple, output: torch.Tensor) -> None:
+                extractor = extractors[name]
+                index = sample_positions(output.shape[0], extractor.positions(output), samples_per_example,
+                                         generator, output.device)
+                rows = extractor.targets(output, index)
+                _check_finite(rows, "outputs", name)
+                targets[name] = (index, output.shape, rows)
+
+            def take_approx(name: str, args: tuple, output: torch.Tensor) -> None:
+                index, shape, target = targets[name]
+                if output.shape != shape:
+                    raise CompressionError(f"{name!r} produces {tuple(output.shape)} here but {tuple(shape)} in the "
+                                           "reference network: the two must compute the same positions")
+                rows = extractors[name].targets(output, index)
+                _check_finite(rows, "outputs", name)
+                if name not in stats:
+                    stats[name] = ResponseStatistics.empty(rows.shape[1], keep_rows, rows.device)
+                stats[name].update(rows, target)
+
+            if reference is None:
+                _observe_until(network, wanted, inputs, lambda *seen: (take_targets(*seen), take_approx(*seen)))
+            else:
+                _observe_until(reference, wanted, inputs, take_targets)
+                _observe_until(network, wanted, inputs, take_approx)
     if not stats:
         raise CompressionError("no calibration batches: the loader (or trainset_ratio of it) yielded nothing")
     return stats
