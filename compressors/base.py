@@ -68,7 +68,7 @@ def as_network(model: nn.Module, example_inputs: Any) -> ReconstructedNetwork:
     return capture(network, example_inputs)
 
 
-def check_ratio(name: str, value: float, low_open: bool = True) -> float:
+def check_ratio(name: str, value: float) -> float:
     """``value`` as a float in (0, 1); :class:`CompressionError` naming ``name`` otherwise."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise CompressionError(f"{name} must be a number in (0, 1), got {value!r}")
@@ -79,8 +79,9 @@ def check_ratio(name: str, value: float, low_open: bool = True) -> float:
 
 def top1_accuracy(network: nn.Module, loader: DataLoader, device: torch.device | str | None = None,
                   limit: int | None = None) -> float:
-    """Top-1 accuracy of a classifier over ``loader`` (at most ``limit`` examples), in eval mode without grad; the
-    network's mode is restored afterwards."""
+    """Top-1 accuracy over ``loader`` (at most ``limit`` examples; for dense outputs such as segmentation logits
+    ``(N, C, H, W)`` every labelled position counts), classes along dim 1 as in ``F.cross_entropy``, in eval mode
+    without grad; the network's mode is restored afterwards."""
     was_training = network.training
     network.eval()
     correct = total = 0
@@ -88,7 +89,7 @@ def top1_accuracy(network: nn.Module, loader: DataLoader, device: torch.device |
         for batch in loader:
             inputs, labels = to_device(batch_inputs(batch), device), to_device(batch[1], device)
             logits = run_network(network, inputs)
-            correct += int((logits.argmax(dim=-1) == labels).sum())
+            correct += int((logits.argmax(dim=1) == labels).sum())
             total += int(labels.numel())
             if limit is not None and total >= limit:
                 break

@@ -83,6 +83,40 @@ DATASETS: dict[str, Callable[[], tuple[np.ndarray, np.ndarray, np.ndarray, np.nd
 }
 
 
+def load_foreground_segmentation(name: str = "fashion-mnist", batch_size: int = 64, noise: float = 0.6,
+                                 pad_to: int = 32, seed: int = 0, train_limit: int | None = None,
+                                 test_limit: int | None = None, val_fraction: float = 0.1) -> DataSplits:
+    """A segmentation task built from a classification dataset: from an image corrupted with Gaussian noise of
+    standard deviation ``noise`` (fixed per image by ``seed``), predict the object's foreground mask (pixels above
+    a fifth of the image's maximum intensity); targets are ``(H, W)`` int64 masks with classes 0 and 1. Images and
+    masks are zero-padded to ``pad_to`` x ``pad_to`` so pooling networks divide them evenly."""
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; choose one of {sorted(DATASETS)}")
+    train_x, _, test_x, _ = DATASETS[name]()
+    order = np.random.default_rng(seed).permutation(len(train_x))
+    cut = int(round(len(order) * val_fraction))
+    generator = torch.Generator().manual_seed(seed)
+
+    def split(images: np.ndarray, offset: int) -> TensorDataset:
+        clean = torch.from_numpy(np.ascontiguousarray(images))
+        low = clean.amin(dim=(1, 2, 3), keepdim=True)
+        span = clean.amax(dim=(1, 2, 3), keepdim=True) - low
+        masks = ((clean - low) > 0.2 * span).long()[:, 0]
+        noisy = clean + noise * torch.randn(clean.shape, generator=torch.Generator().manual_seed(seed + offset))
+        pad = [(pad_to - clean.shape[-1]) // 2, (pad_to - clean.shape[-1] + 1) // 2,
+               (pad_to - clean.shape[-2]) // 2, (pad_to - clean.shape[-2] + 1) // 2]
+        return TensorDataset(torch.nn.functional.pad(noisy, pad, value=float(low.min())),
+                             torch.nn.functional.pad(masks, pad))
+
+    train = split(train_x[order[cut:][:train_limit]], 1)
+    val = split(train_x[order[:cut]], 2)
+    test = split(test_x[:test_limit], 3)
+    return DataSplits(train=DataLoader(train, batch_size=batch_size, shuffle=True, generator=generator),
+                      val=DataLoader(val, batch_size=max(batch_size, 256)),
+                      test=DataLoader(test, batch_size=max(batch_size, 256)),
+                      num_classes=2, input_shape=(train_x.shape[1], pad_to, pad_to))
+
+
 def load_dataset(name: str, batch_size: int = 64, val_fraction: float = 0.1, seed: int = 0,
                  train_limit: int | None = None, test_limit: int | None = None,
                  eval_batch_size: int | None = None) -> DataSplits:
