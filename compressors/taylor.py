@@ -30,7 +30,7 @@ from graph.ir import iter_refs
 from graph.network import ReconstructedNetwork
 from graph.pruning import dependency_graph, multiply_adds, prune_channels
 
-from .base import CompressionError, Compressor, batch_inputs, run_network, to_device
+from .base import CompressionError, Compressor, batch_inputs, check_ratio, to_device
 from .budget import plan_to_macs
 
 LossFunction = Callable[[Any, Any], torch.Tensor]
@@ -203,9 +203,6 @@ class TaylorPruning(Compressor):
                  taylor_batches: int = 8, moving_average: float | None = None, flops_regularization: float = 0.0,
                  loss_fn: LossFunction | None = None, **kwargs: Any):
         super().__init__(origin_net, trainloader, valloader, **kwargs)
-        if isinstance(flops_target, bool) or not isinstance(flops_target, (int, float)) or not 0 < flops_target < 1:
-            raise CompressionError(f"flops_target (the fraction of MACs to keep) must be in (0, 1), got "
-                                   f"{flops_target!r}")
         if round_to is not None and (isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1):
             raise CompressionError(f"round_to must be a positive integer, got {round_to!r}")
         for name, value in (("steps", steps), ("taylor_batches", taylor_batches)):
@@ -213,7 +210,7 @@ class TaylorPruning(Compressor):
                 raise CompressionError(f"{name} must be a positive integer, got {value!r}")
         if isinstance(finetune_steps, bool) or not isinstance(finetune_steps, int) or finetune_steps < 0:
             raise CompressionError(f"finetune_steps must be a non-negative integer, got {finetune_steps!r}")
-        self.flops_target, self.round_to, self.steps = float(flops_target), round_to, steps
+        self.flops_target, self.round_to, self.steps = check_ratio("flops_target", flops_target), round_to, steps
         self.finetune_steps, self.lr, self.taylor_batches = finetune_steps, lr, taylor_batches
         self.moving_average, self.flops_regularization = moving_average, flops_regularization
         self.loss_fn = loss_fn
