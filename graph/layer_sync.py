@@ -85,6 +85,34 @@ class PrunedMultiheadAttention(nn.MultiheadAttention):
     """``nn.MultiheadAttention`` whose inner width (``num_heads * head_dim``) and output width (``out_proj``) may
     differ from ``embed_dim`` (the query width), as after pruning heads or channels. Same arguments and outputs."""
 
+    @classmethod
+    def from_sizes(cls, embed_dim: int, kdim: int, vdim: int, num_heads: int, head_dim: int, out_features: int,
+                   qkv_same_embed_dim: bool, bias: bool, batch_first: bool, dropout: float) -> "PrunedMultiheadAttention":
+        """An uninitialised module of these widths, its tensors on the ``meta`` device (the savers rebuild one from
+        :meth:`sizes` and then assign the stored tensors)."""
+        width = num_heads * head_dim
+        with torch.device("meta"):
+            module = nn.MultiheadAttention(width, num_heads, dropout, bias, batch_first=batch_first)
+            if qkv_same_embed_dim:
+                module.in_proj_weight = nn.Parameter(torch.empty(3 * width, embed_dim))
+            else:
+                del module.in_proj_weight
+                module.register_parameter("in_proj_weight", None)
+                module.q_proj_weight = nn.Parameter(torch.empty(width, embed_dim))
+                module.k_proj_weight = nn.Parameter(torch.empty(width, kdim))
+                module.v_proj_weight = nn.Parameter(torch.empty(width, vdim))
+            module.out_proj = type(module.out_proj)(width, out_features, bias=bias)
+        module.embed_dim, module.kdim, module.vdim, module._qkv_same_embed_dim = embed_dim, kdim, vdim, qkv_same_embed_dim
+        module.__class__ = cls
+        return module
+
+    def sizes(self) -> dict:
+        """The widths and flags that :meth:`from_sizes` rebuilds this module from."""
+        return {"embed_dim": self.embed_dim, "kdim": self.kdim, "vdim": self.vdim, "num_heads": self.num_heads,
+                "head_dim": self.head_dim, "out_features": self.out_proj.out_features,
+                "qkv_same_embed_dim": bool(self._qkv_same_embed_dim), "bias": self.in_proj_bias is not None,
+                "batch_first": bool(self.batch_first), "dropout": float(self.dropout)}
+
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 key_padding_mask: torch.Tensor | None = None, need_weights: bool = True,
                 attn_mask: torch.Tensor | None = None, average_attn_weights: bool = True,

@@ -2,11 +2,11 @@
 from __future__ import annotations
 
 import collections
+import hashlib
 import json
 import math
 import os
 import struct
-import zlib
 from typing import NamedTuple
 
 import pytest
@@ -169,7 +169,7 @@ def test_vnmodel_header_holds_model_id_and_base_size(tmp_path):
     _, network, _ = small_network()
     path = network.save_to_vnmodel(pkl=tmp_path / "net.vnmodel", model_base_size_hw=(224, 192), model_id=41)
     header = read_vnmodel_header(path)
-    assert (header.version, header.model_id, header.model_base_size_hw) == (1, 41, (224, 192))
+    assert (header.version, header.model_id, header.model_base_size_hw) == (2, 41, (224, 192))
     path = network.save_to_vnmodel(pkl=tmp_path / "plain.vnmodel")
     assert read_vnmodel_header(path).model_base_size_hw is None
 
@@ -177,12 +177,13 @@ def test_vnmodel_header_holds_model_id_and_base_size(tmp_path):
 def test_vnmodel_layout_follows_the_documented_spec(tmp_path):
     _, network, _ = small_network()
     data = open(network.save_to_vnmodel(pkl=tmp_path / "net.vnmodel", model_id=3), "rb").read()
-    magic, version, model_id, height, width, graph_length = struct.unpack_from("<8sIIIIQ", data, 0)
-    assert (magic, version, model_id, height, width) == (b"VNMODEL\0", 1, 3, 0, 0)
-    graph = json.loads(data[32:32 + graph_length].decode("utf-8"))
+    fields = struct.unpack_from("<8sIIIIQQQ", data, 0)
+    magic, version, model_id, height, width, graph_length, table_length, file_length = fields
+    assert (magic, version, model_id, height, width, file_length) == (b"VNMODEL\0", 2, 3, 0, 0, len(data))
+    graph = json.loads(data[48:48 + graph_length].decode("utf-8"))
     assert graph["format"] == "reconstructed-network" and [n["name"] for n in graph["nodes"]] == [
         n.name for n in network.graph_nodes]
-    position = 32 + graph_length
+    position = 48 + graph_length
     (count,) = struct.unpack_from("<I", data, position)
     position += 4
     state = network.state_dict()
@@ -194,13 +195,19 @@ def test_vnmodel_layout_follows_the_documented_spec(tmp_path):
         code, rank = struct.unpack_from("<BB", data, position)
         shape = struct.unpack_from(f"<{rank}Q", data, position + 2)
         offset, nbytes = struct.unpack_from("<QQ", data, position + 2 + 8 * rank)
-        position += 2 + 8 * rank + 16
+        digest = data[position + 2 + 8 * rank + 16:position + 2 + 8 * rank + 48]
+        position += 2 + 8 * rank + 48
         expected = state[name]
         assert offset % 64 == 0 and shape == tuple(expected.shape) and code == {torch.float32: 0, torch.int64: 8}[
             expected.dtype]
-        assert data[offset:offset + nbytes] == expected.contiguous().numpy().tobytes()
-    assert (len(data) - 4) % 64 == 0
-    assert struct.unpack_from("<I", data, len(data) - 4)[0] == zlib.crc32(data[:-4])
+        raw = expected.contiguous().numpy().tobytes()
+        assert data[offset:offset + nbytes] == raw
+        dtype = str(expected.dtype).removeprefix("torch.")
+        assert digest == hashlib.sha256(f"{name}\0{dtype}\0{list(shape)}\0".encode() + raw).digest()
+    assert position == 48 + graph_length + table_length and (len(data) - 96) % 64 == 0
+    header_end, graph_end = 48, 48 + graph_length
+    assert data[-96:] == b"".join(hashlib.sha256(part).digest() for part in (
+        data[:header_end], data[header_end:graph_end], data[graph_end:position]))
 
 
 @pytest.mark.parametrize("fmt", ["json", "vnmodel"])
@@ -461,30 +468,46 @@ def test_truncated_file_raises_file_format_error_naming_the_file(fmt, tmp_path):
             load(path)
 
 
-def test_vnmodel_reports_bad_magic_version_truncation_and_checksum(tmp_path):
+def test_vnmodel_reports_bad_magic_version_truncation_and_damaged_part(tmp_path):
     _, network, _ = small_network()
     path = network.save_to_vnmodel(pkl=tmp_path / "net.vnmodel")
     data = bytearray(open(path, "rb").read())
+    graph_length = struct.unpack_from("<Q", data, 24)[0]
 
     def load_with(content: bytes):
         with open(path, "wb") as stream:
             stream.write(content)
         return load(path)
 
-    with pytest.raises(FileFormatError, match="checksum mismatch"):
-        load_with(data[:-100] + bytes([data[-100] ^ 0xFF]) + data[-99:])
+    def flipped(position: int) -> bytes:
+        return bytes(data[:position]) + bytes([data[position] ^ 0x10]) + bytes(data[position + 1:])
+
+    with pytest.raises(FileFormatError, match="the graph spec is damaged"):
+        load_with(flipped(48 + graph_length // 2))
+    with pytest.raises(FileFormatError, match="the tensor table is damaged"):
+        load_with(flipped(48 + graph_length + 6))
+    with pytest.raises(FileFormatError, match="the header is damaged"):
+        load_with(flipped(13))
+    with pytest.raises(FileFormatError, match="tensor 'nodes.bn.num_batches_tracked' is damaged"):
+        load_with(flipped(len(data) - 96 - 64 + 2))
+    with pytest.raises(FileFormatError, match="padding .* is not zero"):
+        load_with(flipped(len(data) - 96 - 1))
     with pytest.raises(FileFormatError, match="unknown format version 7"):
         load_with(data[:8] + struct.pack("<I", 7) + data[12:])
+    with pytest.raises(FileFormatError, match="version 1 has no digest"):
+        load_with(data[:8] + struct.pack("<I", 1) + data[12:])
     with pytest.raises(FileFormatError, match="truncated at byte 20"):
         load_with(data[:20])
     with pytest.raises(FileFormatError, match=f"truncated at byte {len(data) - 70}"):
         load_with(data[:-70])
+    with pytest.raises(FileFormatError, match="3 unexpected bytes after the end"):
+        load_with(data + b"abc")
     with pytest.raises(FileFormatError, match="truncated at byte 5"):
         load_with(data[:5])
     with pytest.raises(FileFormatError, match="unrecognised file format"):
         load_with(b"NOTAMODEL" + data[9:])
     with pytest.raises(FileFormatError, match="bad magic"):
-        vnmodel_format.load_vnmodel(path)
+        vnmodel_format.read_vnmodel(open(path, "rb").read())
 
 
 def test_json_naming_an_op_outside_the_allow_list_is_refused(tmp_path):
@@ -495,17 +518,17 @@ def test_json_naming_an_op_outside_the_allow_list_is_refused(tmp_path):
         function_node["op"] = hostile
         rewrite(path, changed)
         with pytest.raises(FileFormatError, match=f'unknown op "{hostile}" not on the allow-list'):
-            load(path)
+            load(path, unchecked=True)
         changed = json.loads(json.dumps(document))
         changed["modules"][function_node["key"]]["target"] = hostile
         rewrite(path, changed)
         with pytest.raises(FileFormatError, match=f'unknown op "{hostile}" not on the allow-list'):
-            load(path)
+            load(path, unchecked=True)
     changed = json.loads(json.dumps(document))
     changed["modules"]["conv"]["type"] = "Sequential"
     rewrite(path, changed)
     with pytest.raises(FileFormatError, match='unknown op "Sequential"'):
-        load(path)
+        load(path, unchecked=True)
 
 
 def test_json_struct_classes_resolve_only_through_the_allow_list(tmp_path):
@@ -518,11 +541,11 @@ def test_json_struct_classes_resolve_only_through_the_allow_list(tmp_path):
         with open(path, "w") as stream:
             stream.write(text.replace(name, hostile))
         with pytest.raises(FileFormatError, match="is not allowed"):
-            load(path)
+            load(path, unchecked=True)
     with open(path, "w") as stream:
         stream.write(text.replace(name, "module_that_is_not_loaded:Pair"))
     with torch.no_grad():
-        got, expected = load(path)(example), model(example)
+        got, expected = load(path, unchecked=True)(example), model(example)
     assert type(got) is not Pair and type(got).__name__ == "Pair" and got._fields == ("scores", "extra")
     assert_same_pair(got, expected)
 
@@ -533,23 +556,23 @@ def test_json_with_missing_key_corrupted_tensor_or_wrong_shape_is_refused(tmp_pa
     del changed["nodes"]
     rewrite(path, changed)
     with pytest.raises(FileFormatError, match="missing key 'nodes'"):
-        load(path)
+        load(path, unchecked=True)
     changed = json.loads(json.dumps(document))
     entry = changed["data"]["nodes.conv.weight"]
     entry["base64"] = ("A" if entry["base64"][0] != "A" else "B") + entry["base64"][1:]
     rewrite(path, changed)
-    with pytest.raises(FileFormatError, match="checksum mismatch for tensor 'nodes.conv.weight'"):
+    with pytest.raises(FileFormatError, match="tensor 'nodes.conv.weight' is damaged"):
         load(path)
     changed = json.loads(json.dumps(document))
     changed["modules"]["conv"]["config"]["out_channels"] = 6
     rewrite(path, changed)
     with pytest.raises(FileFormatError, match="tensor shape mismatch for node 'conv'"):
-        load(path)
+        load(path, unchecked=True)
     changed = json.loads(json.dumps(document))
     changed["nodes"][3]["args"] = [{"$ref": [7, []]}]
     rewrite(path, changed)
     with pytest.raises(FileFormatError, match="reads node 7, which does not run before it"):
-        load(path)
+        load(path, unchecked=True)
 
 
 def test_pkl_is_read_weights_only_so_a_malicious_pickle_never_runs(tmp_path):

@@ -14,32 +14,41 @@ from .json_format import save_json
 from .pkl import save_pkl
 from .vnmodel import read_vnmodel_header, save_vnmodel
 
-_READERS: tuple[tuple[Callable[[bytes], bool], Callable[[str], ReconstructedNetwork]], ...] = (
-    (vnmodel.matches, vnmodel.load_vnmodel),
-    (pkl.matches, pkl.load_pkl),
-    (json_format.matches, json_format.load_json),
+_READERS: tuple[tuple[str, Callable[[bytes], bool], Callable[..., ReconstructedNetwork]], ...] = (
+    ("vnmodel", vnmodel.matches, vnmodel.read_vnmodel),
+    ("pkl", pkl.matches, pkl.read_pkl),
+    ("json", json_format.matches, json_format.read_json),
 )
-_HEAD_SIZE = 64
 
 
-def load(path: str | os.PathLike) -> ReconstructedNetwork:
+def load(path: str | os.PathLike, *, unchecked: bool = False) -> ReconstructedNetwork:
     """Load a network saved by ``save_pkl``, ``save_json`` or ``save_vnmodel``, on the CPU.
 
-    Raises :class:`~graph.errors.FileFormatError` (message starting with the path) when the file is not one of
-    these formats, is truncated or corrupted, or names an op outside the allow-lists.
+    Every part of the file is checked against its SHA-256 digest, and the graph spec against its schema, before
+    anything is built. ``unchecked=True`` skips the digests of a ``.json`` file edited by hand on purpose (the schema
+    and every other check still apply); the binary formats cannot be loaded unchecked. Raises
+    :class:`~graph.errors.FileFormatError` (message starting with the path, then the damaged part and what is wrong)
+    when the file is not one of these formats, is truncated, corrupted or malformed, or names an op outside the
+    allow-lists; ``FileNotFoundError`` and ``PermissionError`` pass through.
     """
     path = os.fspath(path)
     with open(path, "rb") as stream:
-        head = stream.read(_HEAD_SIZE)
-    for matches, read in _READERS:
-        if matches(head):
+        return load_bytes(stream.read(), path, unchecked=unchecked)
+
+
+def load_bytes(content: bytes, name: str = "<bytes>", *, unchecked: bool = False) -> ReconstructedNetwork:
+    """:func:`load` for the bytes of a saved network already in memory; ``name`` starts every error message."""
+    for kind, matches, read in _READERS:
+        if matches(content[:64]):
+            if unchecked and kind != "json":
+                raise ValueError(f"{name}: only .json files can be loaded unchecked (this is a .{kind} file)")
             try:
-                return read(path)
+                return read(content, unchecked=True) if unchecked else read(content)
             except FileFormatError as error:
-                raise FileFormatError(f"{path}: {error}") from None
-    if not head:
-        raise FileFormatError(f"{path}: the file is empty")
-    raise FileFormatError(f"{path}: unrecognised file format (starts with {head[:8]!r}; expected a .vnmodel, "
+                raise FileFormatError(f"{name}: {error}") from None
+    if not content:
+        raise FileFormatError(f"{name}: the file is empty")
+    raise FileFormatError(f"{name}: unrecognised file format (starts with {content[:8]!r}; expected a .vnmodel, "
                           "torch.save or JSON file)")
 
 
@@ -61,4 +70,4 @@ def save(network: ReconstructedNetwork, path: str | os.PathLike) -> str:
     return writer_for(path)(network, os.fspath(path))
 
 
-__all__ = ["load", "save", "writer_for", "save_pkl", "save_json", "save_vnmodel", "read_vnmodel_header"]
+__all__ = ["load", "load_bytes", "save", "writer_for", "save_pkl", "save_json", "save_vnmodel", "read_vnmodel_header"]

@@ -16,14 +16,14 @@ from .. import oplib
 from ..errors import FileFormatError
 from ..ir import Node, Sym, iter_refs
 from ..leaves import leaf_class
+from ..modules import MODE_SELECT
 from ..network import ReconstructedNetwork
 from .leaf_configs import shape_mismatches
 from .module_specs import build_module, module_spec
+from .schema import FORMAT_NAME, FORMAT_VERSION, check_spec
 from .templates import TemplateDecoder, TemplateEncoder, encode_or_placeholder
 
-FORMAT_NAME = "reconstructed-network"
-FORMAT_VERSION = 1
-_TENSOR_NODE_OPS = ("input", "param", "constant")
+_GRAPH_OPS = ("input", "param", "constant", MODE_SELECT)  # ops of the graph itself, beside leaves and functions
 _PARAMETER_KINDS = {kind.name: kind for kind in (
     inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.VAR_POSITIONAL,
     inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.VAR_KEYWORD)}
@@ -116,39 +116,30 @@ def _tensor_table(network: nn.Module) -> tuple[dict[str, dict], dict[str, torch.
 
 # ----------------------------------------------------------------------------------------------------------- loading
 def network_from_spec(spec: Any, tensors: dict[str, torch.Tensor]) -> ReconstructedNetwork:
-    """Rebuild the network a spec describes, giving it ``tensors``; raises :class:`FileFormatError` on any problem."""
-    if not isinstance(spec, dict):
-        raise FileFormatError("the graph spec is not a JSON object")
-    if _get(spec, "format", str) != FORMAT_NAME:
-        raise FileFormatError(f"not a saved network: format is {spec['format']!r}, expected {FORMAT_NAME!r}")
-    version = _get(spec, "version", int)
-    if version != FORMAT_VERSION:
-        raise FileFormatError(f"unknown format version {version} (this reader knows version {FORMAT_VERSION})")
+    """Rebuild the network a spec describes, giving it ``tensors``; raises :class:`FileFormatError` on any problem.
+
+    The spec is checked against the schema (:func:`~graph.serialization.schema.check_spec`) before anything is
+    decoded or built; what remains to check here are the links between its parts (node references, modules, tensors).
+    """
+    check_spec(spec)
     decoder = TemplateDecoder(tensors)
-    nodes = [_decode_node(i, entry, decoder) for i, entry in enumerate(_get(spec, "nodes", list))]
-    output_template = _decode_in("the output template", _get(spec, "output_template", object), decoder)
-    guards = _decode_guards(_get(spec, "guards", list), decoder)
+    nodes = [_decode_node(i, entry, decoder) for i, entry in enumerate(spec["nodes"])]
+    output_template = _decode_in("the output template", spec["output_template"], decoder)
+    guards = {(_decode_in(f"guards[{i}]", expr, decoder), _decode_in(f"guards[{i}]", value, decoder)): source
+              for i, (expr, value, source) in enumerate(spec["guards"])}
     _check_refs(nodes, output_template, guards)
-    modules = {key: _decode_module(key, entry, decoder) for key, entry in _get(spec, "modules", dict).items()}
+    modules = {key: _decode_module(key, entry, decoder) for key, entry in spec["modules"].items()}
     for node in nodes:
         if node.op != "input" and node.key not in modules:
             raise FileFormatError(f"node {node.name!r} runs module {node.key!r}, which the file does not define")
     network = ReconstructedNetwork(
-        nodes, modules, _decode_signature(_get(spec, "signature", list), decoder),
-        _decode_constants(_get(spec, "input_constants", list), decoder), output_template, guards,
-        _get(spec, "captured_training", bool))
-    _assign_tensors(network, _get(spec, "tensors", dict), tensors)
-    network.train(_get(spec, "training", bool))
+        nodes, modules, _decode_signature(spec["signature"], decoder),
+        {_decode_in("input_constants", path, decoder): _decode_in("input_constants", value, decoder)
+         for path, value in spec["input_constants"]},
+        output_template, guards, spec["captured_training"])
+    _assign_tensors(network, spec["tensors"], tensors)
+    network.train(spec["training"])
     return network
-
-
-def _get(mapping: dict, key: str, kind: type | tuple[type, ...], where: str = "the graph spec") -> Any:
-    if key not in mapping:
-        raise FileFormatError(f"missing key {key!r} in {where}")
-    value = mapping[key]
-    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        raise FileFormatError(f"key {key!r} in {where} has a malformed value {str(value)[:80]}")
-    return value
 
 
 def _decode_in(where: str, value: Any, decoder: TemplateDecoder) -> Any:
@@ -165,62 +156,24 @@ def _decode_module(key: str, entry: Any, decoder: TemplateDecoder) -> nn.Module:
         raise FileFormatError(f"module {key!r}: {error}") from None
 
 
-def _decode_node(index: int, entry: Any, decoder: TemplateDecoder) -> Node:
-    if not isinstance(entry, dict):
-        raise FileFormatError(f"node {index} is not a JSON object")
-    where = f"node {index}"
-    name = _get(entry, "name", str, where)
-    where = f"node {index} ({name!r})"
-    op = _get(entry, "op", str, where)
-    if op not in _TENSOR_NODE_OPS and leaf_class(op) is None and not oplib.is_replayable(op):
-        raise FileFormatError(f'unknown op "{op}" not on the allow-list ({where})')
-    node = Node(name=name, op=op, key=_get(entry, "key", (str, type(None)), where),
-                args=_decode_in(where, _get(entry, "args", list, where), decoder),
-                kwargs=_decode_in(where, _get(entry, "kwargs", dict, where), decoder),
-                source=_get(entry, "source", (str, type(None)), where),
-                meta=_decode_in(where, _get(entry, "meta", dict, where), decoder))
-    if not isinstance(node.kwargs, dict) or not isinstance(node.meta, dict):
-        raise FileFormatError(f"{where}: kwargs and meta must be objects")
-    if op == "input" and not isinstance(node.meta.get("path"), tuple):
-        raise FileFormatError(f"{where}: an input node needs meta['path'], the argument it is bound to")
-    return node
-
-
-def _decode_guards(entries: list, decoder: TemplateDecoder) -> dict[tuple, str | None]:
-    guards: dict[tuple, str | None] = {}
-    for entry in entries:
-        if not (isinstance(entry, list) and len(entry) == 3 and isinstance(entry[2], (str, type(None)))):
-            raise FileFormatError(f"malformed guard {str(entry)[:80]} (expected [expression, value, source])")
-        guards[(_decode_in("a guard", entry[0], decoder), _decode_in("a guard", entry[1], decoder))] = entry[2]
-    return guards
-
-
-def _decode_constants(entries: list, decoder: TemplateDecoder) -> dict[tuple, Any]:
-    constants: dict[tuple, Any] = {}
-    for entry in entries:
-        if not (isinstance(entry, list) and len(entry) == 2 and isinstance(entry[0], list)):
-            raise FileFormatError(f"malformed input constant {str(entry)[:80]} (expected [path, value])")
-        constants[_decode_in("an input constant", entry[0], decoder)] = _decode_in("an input constant", entry[1],
-                                                                                   decoder)
-    return constants
+def _decode_node(index: int, entry: dict, decoder: TemplateDecoder) -> Node:
+    op = entry["op"]
+    where = f"nodes[{index}] ({entry['name']!r})"
+    if op not in _GRAPH_OPS and leaf_class(op) is None and not oplib.is_replayable(op):
+        raise FileFormatError(f'unknown op "{op[:80]}" not on the allow-list ({where})')
+    return Node(name=entry["name"], op=op, key=entry["key"], args=_decode_in(where, entry["args"], decoder),
+                kwargs=_decode_in(where, entry["kwargs"], decoder), source=entry["source"],
+                meta=_decode_in(where, entry["meta"], decoder))
 
 
 def _decode_signature(entries: list, decoder: TemplateDecoder) -> inspect.Signature:
     parameters = []
     for entry in entries:
-        if not isinstance(entry, dict):
-            raise FileFormatError("malformed signature parameter (expected a JSON object)")
-        name = _get(entry, "name", str, "a signature parameter")
-        kind = _PARAMETER_KINDS.get(_get(entry, "kind", str, f"signature parameter {name!r}"))
-        if kind is None:
-            raise FileFormatError(f"signature parameter {name!r} has an unknown kind {entry['kind']!r}")
+        name = entry["name"]
         default = entry.get("default", inspect.Parameter.empty)
         if default is not inspect.Parameter.empty:
             default = _decode_in(f"signature parameter {name!r}", default, decoder)
-        try:
-            parameters.append(inspect.Parameter(name, kind, default=default))
-        except (TypeError, ValueError) as error:
-            raise FileFormatError(f"malformed signature parameter {name!r}: {error}") from None
+        parameters.append(inspect.Parameter(name, _PARAMETER_KINDS[entry["kind"]], default=default))
     try:
         return inspect.Signature(parameters)
     except ValueError as error:
@@ -238,21 +191,23 @@ def _check_refs(nodes: list[Node], output_template: Any, guards: dict[tuple, Any
             raise FileFormatError(f"the output or a guard reads node {ref.index}, but there are {len(nodes)} nodes")
 
 
-def _assign_tensors(network: ReconstructedNetwork, roles: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+def _assign_tensors(network: ReconstructedNetwork, roles: dict[str, dict], tensors: dict[str, torch.Tensor]) -> None:
     owners = {node.key: node.name for node in network.graph_nodes}
     assigned: dict[str, torch.Tensor] = {}
+    stored = {name for name, entry in roles.items() if "same_as" not in entry}
+    for name in sorted(tensors.keys() - stored)[:1]:
+        raise FileFormatError(f"tensor {name!r} is stored but the graph spec does not list it")
     for name, entry in roles.items():
-        if not isinstance(entry, dict):
-            raise FileFormatError(f"malformed entry for tensor {name!r}")
-        role = _get(entry, "role", str, f"tensor {name!r}")
+        role = entry["role"]
         if role == "template":
+            if name not in tensors:
+                raise FileFormatError(f"missing tensor {name!r}")
             continue
         module_path, _, attribute = name.rpartition(".")
         owner = owners.get(module_path.removeprefix("nodes.").split(".")[0], module_path)
-        try:
-            module = network.get_submodule(module_path)
-        except AttributeError:
-            raise FileFormatError(f"tensor {name!r} belongs to no module of the network") from None
+        module = _submodule(network, module_path)
+        if module is None:
+            raise FileFormatError(f"tensor {name!r} belongs to no module of the network")
         slots = dict(module.named_parameters(recurse=False, remove_duplicate=False) if role == "parameter"
                      else module.named_buffers(recurse=False, remove_duplicate=False))
         if attribute not in slots:
@@ -261,14 +216,26 @@ def _assign_tensors(network: ReconstructedNetwork, roles: dict[str, Any], tensor
         if tuple(value.shape) != tuple(slots[attribute].shape):
             raise FileFormatError(f"tensor shape mismatch for node {owner!r}: {name} is {tuple(value.shape)} in the "
                                   f"file but its stored arguments give {tuple(slots[attribute].shape)}")
+        if role == "parameter" and entry["requires_grad"] and not (value.is_floating_point() or value.is_complex()):
+            raise FileFormatError(f"tensor {name!r} of node {owner!r} is {value.dtype}, which cannot require "
+                                  "gradients")
         if role == "parameter" and not isinstance(value, nn.Parameter):
-            value = nn.Parameter(value, requires_grad=_get(entry, "requires_grad", bool, f"tensor {name!r}"))
+            value = nn.Parameter(value, requires_grad=entry["requires_grad"])
         setattr(module, attribute, value)
         assigned[name] = value
     for name, tensor in [*network.named_parameters(remove_duplicate=False),
                          *network.named_buffers(remove_duplicate=False)]:
         if tensor.is_meta:
             raise FileFormatError(f"missing tensor {name!r} (the file does not list it)")
+
+
+def _submodule(network: nn.Module, path: str) -> nn.Module | None:
+    module = network
+    for part in path.split(".") if path else ():
+        module = module._modules.get(part)
+        if module is None:
+            return None
+    return module
 
 
 def _stored_tensor(name: str, entry: dict, tensors: dict[str, torch.Tensor],
@@ -279,7 +246,4 @@ def _stored_tensor(name: str, entry: dict, tensors: dict[str, torch.Tensor],
         return assigned[entry["same_as"]]
     if name not in tensors:
         raise FileFormatError(f"missing tensor {name!r}")
-    value = tensors[name]
-    if not isinstance(value, torch.Tensor):
-        raise FileFormatError(f"stored tensor {name!r} is a {type(value).__name__}, not a tensor")
-    return value
+    return tensors[name]

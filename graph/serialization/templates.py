@@ -324,18 +324,16 @@ def struct_class(name: str, kind: str, field_names: tuple[str, ...]) -> type:
 
 
 def _find_class(module_name: str, qualname: str) -> Any:
-    module = sys.modules.get(module_name)
-    if module is None and module_name.split(".", 1)[0] in _STRUCT_IMPORTABLE:
-        try:
+    try:
+        module = sys.modules.get(module_name)
+        if module is None and module_name.split(".", 1)[0] in _STRUCT_IMPORTABLE:
             module = importlib.import_module(module_name)
-        except ImportError:
-            module = None
-    if module is None:
+        value: Any = module
+        for part in qualname.split(".") if module is not None else ():
+            value = getattr(value, part, None)
+        return value
+    except Exception:  # noqa: BLE001 - a lazy package (transformers) raises anything for a name it cannot import
         return None
-    value: Any = module
-    for part in qualname.split("."):
-        value = getattr(value, part, None)
-    return value
 
 
 def _allowed_struct(cls: Any) -> bool:
