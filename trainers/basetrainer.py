@@ -374,13 +374,15 @@ class BaseTrainer:
                 self._scheduler.step()
             call_all(self.callbacks, "on_batch_end", self, self.global_step)
             size = batch_size(batch)
+            values = {name: float(value.detach() if isinstance(value, torch.Tensor) else value)
+                      for name, value in losses.items()}
             with torch.no_grad():
-                self._accumulate(sums, losses, self.train_batch_metrics(preds, batch), size)
+                self._accumulate(sums, values, self.train_batch_metrics(preds, batch), size)
             count += size
-            bar.set_postfix(loss=f"{float(total.detach()):.4f}")
+            bar.set_postfix(loss=f"{values['total_loss']:.4f}")
             if self._tbx_writer is not None:
-                for name, value in losses.items():
-                    self._tbx_writer.add_scalar(f"train_step/{name}", float(value), self.global_step)
+                for name, value in values.items():
+                    self._tbx_writer.add_scalar(f"train_step/{name}", value, self.global_step)
             if self._steps_exhausted():
                 break
         bar.close()
