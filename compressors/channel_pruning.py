@@ -106,15 +106,18 @@ class Consumer:
                 self.module.bias.copy_(full[-1].to(self.module.bias.dtype))
 
 
-def group_consumers(network: ReconstructedNetwork, group: ChannelGroup) -> tuple[list[Consumer], list[str]]:
+def group_consumers(network: ReconstructedNetwork, group: ChannelGroup,
+                    max_width: int | None = None) -> tuple[list[Consumer], list[str]]:
     """The reconstructable consumers of ``group`` in ``network`` (convolutions with ``groups=1`` and Linear layers
-    reading it along their input dim), and the names of the other nodes that read it (masked without refit)."""
+    reading it along their input dim, with at most ``max_width`` unfolded input columns, whose Gram matrix is
+    ``max_width²`` doubles), and the names of the other nodes that read it (masked without refit)."""
     consumers, others = [], []
     for member in group.members:
         if member.role != "in":
             continue
         module = network.module_of(network.node(member.node))
-        if member.tensor == "weight" and member.dim == 1 and row_extractor(module) is not None:
+        if member.tensor == "weight" and member.dim == 1 and row_extractor(module) is not None \
+                and (max_width is None or module.weight[0].numel() <= max_width):
             kernel = module.weight[0, 0].numel()
             columns = (member.positions[:, :, None] * kernel + np.arange(kernel)).reshape(group.size, -1)
             consumers.append(Consumer(member.node, module, columns))
@@ -156,6 +159,8 @@ class ChannelPruning(Compressor):
     - ``lars_alpha_init``: accepted for the wiki's scripts; the exact channel count is read off the whole LARS path,
       so no initial penalty is needed (it is recorded in the log);
     - ``recalibrate_bn``: re-estimate BatchNorm statistics on the calibration data after pruning;
+    - ``max_consumer_width``: consumers with more unfolded input columns than this (a Linear on a large flattened
+      feature map) are masked without reconstruction, bounding each Gram matrix to ``max_consumer_width²`` doubles;
     - ``accuracy_first`` / ``accuracy_threshold``: a group whose pruning drops validation accuracy below the
       threshold is pruned half as much, else not at all (the log says which).
 
@@ -172,7 +177,7 @@ class ChannelPruning(Compressor):
                  device: torch.device | str | None = None, verbose: bool = False, drawgraph: bool = False,
                  accuracy_first: bool = False, accuracy_threshold: float = 0.0, args: Any = None,
                  lars_alpha_init: float = 1.0, flops_target: float | None = None, recalibrate_bn: bool = True,
-                 seed: int = 0):
+                 max_consumer_width: int = 8192, seed: int = 0):
         if isinstance(sampled_pixels_per_img, bool) or not isinstance(sampled_pixels_per_img, int) \
                 or sampled_pixels_per_img < 1:
             raise CompressionError(f"sampled_pixels_per_img must be a positive integer, got {sampled_pixels_per_img!r}")
@@ -188,7 +193,7 @@ class ChannelPruning(Compressor):
                          drawgraph, accuracy_first, accuracy_threshold, args)
         self.sampled_pixels_per_img = sampled_pixels_per_img
         self.lars_alpha_init = float(lars_alpha_init)
-        self.recalibrate_bn, self.seed = recalibrate_bn, seed
+        self.recalibrate_bn, self.max_consumer_width, self.seed = recalibrate_bn, max_consumer_width, seed
         self.groups = [g for g in dependency_graph(self.origin_net).groups
                        if g.prunable and not g.explicit_only and g.size > 1]
         self.removal = self._removal_counts(compress_ratio, flops_target)
@@ -290,14 +295,15 @@ class ChannelPruning(Compressor):
         """One group: select ``count`` channels to remove (LASSO over every reconstructable consumer, else L2 weight
         norm), mask them in a copy of ``working`` and refit the consumers; returns the copy, the removed indices and
         the log entry. ``removed_columns`` (consumer → removed input columns) is updated."""
-        consumers, others = group_consumers(working, group)
+        consumers, others = group_consumers(working, group, self.max_consumer_width)
         keep = group.size - count
         entry: dict[str, Any] = dict(group=group.id, nodes=group.nodes[:4], channels=group.size, removed=count,
                                      consumers=[c.node for c in consumers], masked_only=others)
         if not consumers:
             scores = group_importance(working, group, "l2")
             kept = np.sort(np.argsort(-scores, kind="stable")[:keep])
-            entry["selection"] = "l2 weight norm (no convolution or Linear reads this group)"
+            entry["selection"] = "l2 weight norm (no convolution or Linear of at most max_consumer_width columns " \
+                                 "reads this group)"
             removed = np.setdiff1d(np.arange(group.size), kept).tolist()
             return mask_channels(working, {group.id: removed}), removed, entry
         stats = collect_layer_statistics(working, [c.node for c in consumers],
