@@ -125,7 +125,7 @@ def test_idiomatic_override_is_reached_through_the_wiki_name_and_every_loss_is_l
     losses = trainer.__get_train_losses__(network(batch[0]), batch, decay=1e-3)
     assert set(losses) == {"total_loss", "ce", "l2"}
     l2 = sum(float((p.detach() ** 2).sum()) for p in network.parameters()) * 1e-3
-    assert float(losses["l2"]) == pytest.approx(l2, rel=1e-5)
+    assert losses["l2"].item() == pytest.approx(l2, rel=1e-5)
     summary = trainer.run(decay=1e-3)
     assert summary["train_total_loss"] == pytest.approx(summary["train_ce"] + summary["train_l2"], rel=1e-5)
     for tag in ("train/total_loss", "train/ce", "train/l2", "train/top1", "val/top1", "val/top5",
@@ -315,3 +315,38 @@ def test_losses_without_total_loss_are_a_clear_error(digits):
     network = small_cnn()
     with pytest.raises(TypeError, match="'total_loss'"):
         trainer_for(network, digits, cls=NoTotal).run()
+
+
+def test_amc_finetune_distils_a_saved_pruned_network_and_saves_it(digits, tmp_path, capsys):
+    from amc.cli import main
+    from graph import load
+
+    model = small_cnn()
+    trainers.finetune(model, digits.train, epochs=1, lr=0.05)
+    original = amc.capture(model.eval(), torch.randn(1, 1, 8, 8))
+    pruned = amc.prune(original, channel_ratio=0.5)
+    original.save(pkl=str(tmp_path / "original.pkl"))
+    pruned.save(pkl=str(tmp_path / "pruned.pkl"))
+    before = top1_accuracy(pruned, digits.test)
+    assert main(["finetune", str(tmp_path / "pruned.pkl"), "--epochs", "1", "--lr", "0.02", "--teacher",
+                 str(tmp_path / "original.pkl"), "--checkpoints", str(tmp_path / "ckpt"),
+                 "-o", str(tmp_path / "tuned.pkl")]) == 0
+    out = capsys.readouterr().out
+    assert "distilled from" in out
+    printed_before, printed_after = (float(v) for v in out.splitlines()[2].split())
+    tuned = load(str(tmp_path / "tuned.pkl"))
+    assert printed_before == pytest.approx(before, abs=1e-4)
+    assert printed_after == pytest.approx(top1_accuracy(tuned, digits.test), abs=1e-4)
+    assert printed_after > max(before, 0.8)
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["best.pt", "latest.pt"]
+
+
+def test_amc_finetune_refuses_a_network_that_does_not_take_the_data(tmp_path, capsys):
+    from amc.cli import main
+
+    wrong = amc.capture(nn.Sequential(nn.Flatten(), nn.Linear(64, 3)).eval(), torch.randn(1, 1, 8, 8))
+    wrong.save(pkl=str(tmp_path / "wrong.pkl"))
+    assert main(["finetune", str(tmp_path / "wrong.pkl")]) == 2
+    assert "returns (2, 3) for 2 images, not (2, 10) class logits" in capsys.readouterr().err
+    assert main(["finetune", str(tmp_path / "missing.pkl")]) == 2
+    assert "file not found" in capsys.readouterr().err

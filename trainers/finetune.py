@@ -22,7 +22,8 @@ def finetune(network: nn.Module, train_loader: DataLoader, val_loader: DataLoade
              weight_decay: float = 5e-4, teacher: nn.Module | None = None, temperature: float = 4.0,
              alpha: float = 0.9, device: torch.device | str | None = None, verbose: bool = False,
              callbacks: Sequence[Callback] = (), hints: Hints = (), precision: str = "fp32",
-             checkpoints_folder: str | os.PathLike | None = None, resume: bool = False) -> dict[str, Any]:
+             checkpoints_folder: str | os.PathLike | None = None, resume: bool = False,
+             tbx_writer: Any = None) -> dict[str, Any]:
     """Fine-tune the classifier ``network`` in place on ``(inputs, labels)`` batches and return the metrics.
 
     Runs ``epochs`` epochs (at most ``max_steps`` optimiser steps) of SGD (``lr``, ``momentum``, ``weight_decay``)
@@ -30,7 +31,8 @@ def finetune(network: nn.Module, train_loader: DataLoader, val_loader: DataLoade
     ``alpha`` times the temperature-``temperature`` logit distillation loss plus ``1 - alpha`` times cross-entropy,
     plus feature ``hints`` (node names shared by both networks). ``callbacks`` see every step
     (:class:`~trainers.callbacks.Callback`; re-apply a pruning mask in ``on_batch_end``). ``checkpoints_folder``
-    and ``resume`` keep and continue from checkpoints as in :class:`~trainers.basetrainer.BaseTrainer`.
+    and ``resume`` keep and continue from checkpoints, ``tbx_writer`` (a ``SummaryWriter`` or a log directory)
+    receives tensorboardX logs, as in :class:`~trainers.basetrainer.BaseTrainer`.
 
     Returns the last epoch's metrics (``train_total_loss``, ``train_top1``, ``val_top1``, ``val_top5``,
     ``val_total_loss`` when ``val_loader`` is given, ...) plus ``steps`` (optimiser steps taken in all),
@@ -39,7 +41,7 @@ def finetune(network: nn.Module, train_loader: DataLoader, val_loader: DataLoade
     optimizer = torch.optim.SGD(network.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
     options: dict[str, Any] = dict(train_loader=train_loader, val_loader=val_loader, eval_loader=None,
                                    network=network, criterion=nn.CrossEntropyLoss(), optimizer=optimizer,
-                                   scheduler=None, epochs=epochs, device=device, tbx_writer=None,
+                                   scheduler=None, epochs=epochs, device=device, tbx_writer=tbx_writer,
                                    checkpoints_folder=checkpoints_folder, additional_args=None,
                                    callbacks=callbacks, precision=precision, max_steps=max_steps,
                                    scheduler_interval="step", verbose=verbose)
