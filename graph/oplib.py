@@ -2,8 +2,21 @@
 
 Every torch function, ``torch.nn.functional`` function and ``Tensor`` method or property gets a stable qualified
 name (``torch.cat``, ``torch.nn.functional.relu``, ``Tensor.view``, ``Tensor.T``). Capture records ops by that
-name; replay and file loading resolve names back through this table only, so a file can never name an arbitrary
-callable. Functions with side effects outside the tensor they return (file I/O, global settings) are excluded.
+name; replay and file loading resolve names back through the allow-list only, so a file can never name an arbitrary
+callable.
+
+The allow-list (:func:`replayable_names`) holds only pure tensor functions and methods, what capture can record:
+
+* ATen operators: built-in functions and ``Tensor`` methods whose name is an ``aten::`` operator of the dispatcher;
+* composite Python functions of ``torch.nn.functional``, ``torch.functional`` and ``Tensor`` methods written in
+  Python (``torch._tensor``), all built from such operators;
+* the arithmetic, comparison and indexing operators of ``Tensor`` (``__add__``, ``__getitem__`` ...), the properties
+  that give a tensor (``T``, ``mT``, ``real`` ...), dtype and device conversions (``Tensor.float``, ``Tensor.cpu``)
+  and tensors made from Python data (``torch.tensor``);
+
+less any name that reads or writes files or global settings (:data:`_UNSAFE`). Helpers that change interpreter or
+library state (``torch.autocast_increment_nesting``, ``torch.init_num_threads``), run callables (``torch.fork``,
+``Tensor.apply_``, ``F.handle_torch_function``) or import code (``torch.import_ir_module``) are none of these.
 """
 from __future__ import annotations
 
@@ -69,6 +82,16 @@ _DATA_TO_PYTHON = {
 }
 
 
+_PURE_PYTHON_MODULES = frozenset({"torch.nn.functional", "torch.functional", "torch._tensor"})
+_TENSOR_PROPERTIES = frozenset({"T", "H", "mT", "mH", "data", "real", "imag", "grad"})
+_CONVERSIONS = frozenset({
+    "Tensor.bfloat16", "Tensor.half", "Tensor.float", "Tensor.double", "Tensor.cfloat", "Tensor.cdouble",
+    "Tensor.bool", "Tensor.byte", "Tensor.char", "Tensor.short", "Tensor.int", "Tensor.long", "Tensor.type",
+    "Tensor.cpu", "Tensor.cuda", "Tensor.xpu", "Tensor.mtia", "Tensor.ipu", "Tensor.new", "Tensor.new_tensor",
+    "torch.tensor", "torch.as_tensor", "torch.asarray",
+})
+
+
 def _static_tensor_attrs() -> dict[str, Any]:
     attrs: dict[str, Any] = {}
     for cls in reversed(torch.Tensor.__mro__):
@@ -130,11 +153,38 @@ def kind_of(name: str | None) -> OpKind:
     return OpKind.RECORD
 
 
+@lru_cache(maxsize=1)
+def _aten_operator_names() -> frozenset[str]:
+    """Names of the ``aten::`` operators registered with the dispatcher, without overload names."""
+    return frozenset(op.partition("::")[2].split(".")[0] for op in torch._C._dispatch_get_all_op_names()
+                     if op.startswith("aten::"))
+
+
+def _is_pure_tensor_op(name: str, fn: Callable, getters: set[str]) -> bool:
+    short = name.rsplit(".", 1)[-1]
+    if short in _ALLOWED_DUNDERS:
+        return True
+    if _UNSAFE.search(short):
+        return False
+    if name in getters:
+        return short in _TENSOR_PROPERTIES
+    if name in _CONVERSIONS:
+        return True
+    if inspect.isbuiltin(fn) or inspect.ismethoddescriptor(fn):
+        return getattr(fn, "__name__", None) in _aten_operator_names()
+    return inspect.isfunction(fn) and fn.__module__ in _PURE_PYTHON_MODULES
+
+
+@lru_cache(maxsize=1)
+def replayable_names() -> frozenset[str]:
+    """The allow-list: every op name that replay and file loading accept (pure tensor functions and methods)."""
+    _, by_name, getters = _tables()
+    return frozenset(name for name, fn in by_name.items() if _is_pure_tensor_op(name, fn, getters))
+
+
 def is_replayable(name: str) -> bool:
     """True when ``name`` is on the allow-list that replay and file loading accept."""
-    _, by_name, _ = _tables()
-    short = name.rsplit(".", 1)[-1]
-    return name in by_name and (short in _ALLOWED_DUNDERS or not _UNSAFE.search(short))
+    return name in replayable_names()
 
 
 def resolve(name: str) -> Callable:

@@ -32,18 +32,66 @@ def dependency_graph(rnet) -> DependencyGraph:
     return graph
 
 
-def _removed_components(graph: DependencyGraph, plan: Plan) -> np.ndarray:
+def validated_plan(graph: DependencyGraph, plan: Plan) -> dict[ChannelGroup, np.ndarray]:
+    """The plan as ``{group: sorted unique indices}``, checked the one way both pruning and masking need.
+
+    A key is a group of this network (the object from its ``channel_groups()``) or its integer id, each group named
+    once; indices are true integers (Python or NumPy ints, or an integer array or tensor; not floats, strings or
+    bools) in ``[0, group.size)``. Raises :class:`PruningError` naming the group and the offending value.
+    """
+    if not isinstance(plan, Mapping):
+        raise PruningError(f"a plan maps channel groups to the indices to remove, got {type(plan).__name__}")
     by_id = {g.id: g for g in graph.groups}
-    removed = []
+    checked: dict[ChannelGroup, np.ndarray] = {}
     for key, indices in plan.items():
-        group = by_id.get(key.id if isinstance(key, ChannelGroup) else key)
-        if group is None or (isinstance(key, ChannelGroup) and group is not key):
-            raise PruningError(f"{key!r} is not a channel group of this network (take groups from its channel_groups())")
-        indices = np.unique(np.asarray(list(indices), dtype=np.int64))
+        group = _group_of(key, by_id)
+        if group in checked:
+            raise PruningError(f"the plan names group {group.id} twice (by object and by id); merge its indices")
+        checked[group] = _channel_indices(group, indices)
+    return checked
+
+
+def _group_of(key: Any, by_id: dict[int, ChannelGroup]) -> ChannelGroup:
+    if isinstance(key, ChannelGroup):
+        group = by_id.get(key.id)
+        if group is key:
+            return group
+    elif isinstance(key, (int, np.integer)) and not isinstance(key, (bool, np.bool_)) and int(key) in by_id:
+        return by_id[int(key)]
+    raise PruningError(f"{key!r} is not a channel group of this network (take groups from its channel_groups())")
+
+
+def _channel_indices(group: ChannelGroup, indices: Any) -> np.ndarray:
+    if isinstance(indices, torch.Tensor):
+        indices = indices.detach().cpu().numpy()
+    if isinstance(indices, np.ndarray):
+        if indices.dtype.kind not in "iu":
+            raise PruningError(f"group {group.id}: indices must be integers, got an array of {indices.dtype}")
+        values = indices.ravel().tolist()
+    elif isinstance(indices, (str, bytes)) or not isinstance(indices, Iterable):
+        raise PruningError(f"group {group.id}: expected a list of channel indices, got {indices!r}")
+    else:
+        values = list(indices)
+    for value in values:
+        if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+            raise PruningError(f"group {group.id}: channel index {value!r} ({type(value).__name__}) is not an integer")
+        if not 0 <= value < group.size:
+            raise PruningError(f"group {group.id} has {group.size} channels; index {value} is out of range")
+    return np.unique(np.asarray(values, dtype=np.int64))
+
+
+def check_round_to(round_to: Any) -> None:
+    """Refuse a ``round_to`` that is neither ``None`` nor a positive integer."""
+    if round_to is not None and (isinstance(round_to, (bool, np.bool_)) or not isinstance(round_to, (int, np.integer))
+                                 or round_to < 1):
+        raise ValueError(f"round_to must be a positive integer or None, got {round_to!r}")
+
+
+def _removed_components(graph: DependencyGraph, plan: Plan) -> np.ndarray:
+    removed = []
+    for group, indices in validated_plan(graph, plan).items():
         if indices.size == 0:
             continue
-        if indices.min() < 0 or indices.max() >= group.size:
-            raise PruningError(f"group {group.id} has {group.size} channels; indices {indices.tolist()} are out of range")
         if not group.prunable:
             raise PruningError(f"group {group.id} cannot be pruned: {group.reason}")
         if indices.size >= group.size:
@@ -236,6 +284,7 @@ def plan_by_ratio(rnet, channel_ratio: float, importance: Importance = "l2", rou
     """
     if not 0 <= channel_ratio < 1:
         raise ValueError(f"channel_ratio must be in [0, 1), got {channel_ratio}")
+    check_round_to(round_to)
     ignore = set(ignore)
     groups = [g for g in dependency_graph(rnet).groups
               if g.prunable and not g.explicit_only and not ignore & set(g.nodes)]
@@ -265,6 +314,7 @@ def plan_for_flops(rnet, flops_target: float, importance: Importance = "l2", rou
     at most ``flops_target`` (a fraction such as 0.5) of the original's."""
     if not 0 < flops_target <= 1:
         raise ValueError(f"flops_target must be in (0, 1], got {flops_target}")
+    check_round_to(round_to)
     budget = multiply_adds(rnet) * flops_target
     low, high, best = 0.0, 0.95, None
     for _ in range(12):

@@ -138,6 +138,11 @@ def _write_mode_select(module: ModeSelect) -> dict[str, Any]:
     return {"kind": MODE_SELECT}
 
 
+@_checks(MODE_SELECT)
+def _check_mode_select(spec: dict[str, Any], where: str) -> None:
+    check_keys(spec, ("kind",), where)
+
+
 @_builds(MODE_SELECT)
 def _build_mode_select(spec: dict[str, Any]) -> nn.Module:
     return ModeSelect()

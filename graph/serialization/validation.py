@@ -24,6 +24,7 @@ MAX_DIM = 2**48
 MAX_ELEMENTS = 2**48
 MAX_NODE_INDEX = 2**31
 MAX_EXPRESSION_BITS = 4096
+BY_MODE = "by_mode"  # a whole $sym choosing a template by mode (graph.modes); replay fills in only the chosen one
 _DEVICE = re.compile(r"[a-z][a-z0-9_]{0,31}(:[0-9]{1,5})?")
 _FLOAT_NAMES = ("nan", "inf", "-inf")
 _TORCH_CONSTANTS = {tag: frozenset(name for name in dir(torch) if isinstance(getattr(torch, name, None), cls))
@@ -205,7 +206,13 @@ def _ref(value: dict, where: str, depth: int) -> None:
 
 @_checks_tag("$sym")
 def _sym(value: dict, where: str, depth: int) -> None:
-    expression_bits(value["$sym"], where, depth)
+    payload = value["$sym"]
+    if isinstance(payload, list) and payload[:1] == [BY_MODE]:
+        if len(payload) != 3:
+            raise fail(where, f"{BY_MODE!r} takes a template for each mode, found {len(payload) - 1}")
+        check_template(payload[1:], where, depth)
+        return
+    expression_bits(payload, where, depth)
 
 
 @_checks_tag("$struct")
