@@ -11,9 +11,11 @@ from graph.pruning import mask_channels, plan_by_ratio, prune, prune_channels
 from graph.reconstructor import (CaptureBoundary, getReconstructedNetwork, insertCaptureBoundaryEnd,
                                  insertCaptureBoundaryStart)
 from graph.serialization import load
+from graph.config_plan import config_expressible_plan
 from graph.write_back import apply_plan
 
-__all__ = ["capture", "ReconstructedNetwork", "load", "apply_plan", "prune", "prune_channels", "mask_channels",
+__all__ = ["capture", "ReconstructedNetwork", "load", "apply_plan", "config_expressible_plan", "prune", "prune_channels",
+           "mask_channels",
            "plan_by_ratio", "reconstructor", "CaptureBoundary", "insertCaptureBoundaryStart", "insertCaptureBoundaryEnd",
            "getReconstructedNetwork",
            "GraphError", "CaptureError", "ReplayError", "FileFormatError", "PruningError"]

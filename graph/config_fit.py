@@ -33,6 +33,12 @@ def is_config(value: Any) -> bool:
     return any(cls.__name__ in CONFIG_CLASS_NAMES for cls in type(value).__mro__)
 
 
+def is_pretrained_model(module: nn.Module) -> bool:
+    """True for a Hugging Face model (an instance of transformers' ``PreTrainedModel``) holding a config."""
+    return any(cls.__name__ == "PreTrainedModel" for cls in type(module).__mro__) and is_config(
+        getattr(module, "config", None))
+
+
 def sub_configs(config) -> Iterator[Any]:
     """The config and every configuration nested in it (``text_config``, ``vision_config``, ``encoder`` ...)."""
     yield config

@@ -299,3 +299,225 @@ def test_a_width_read_by_a_reshape_of_the_modules_own_forward_is_rewritten():
     with torch.no_grad():
         _assert_close(pruned(torch.randn(3, 3, 5, 5, generator=torch.Generator().manual_seed(2))),
                       rnet.mask_channels(plan)(torch.randn(3, 3, 5, 5, generator=torch.Generator().manual_seed(2))))
+
+
+# ---------------------------------------------------------------- Hugging Face models inside the user's own module
+class _CausalWrapper(nn.Module):
+    """A user's module holding a Hugging Face causal LM (``self.model = AutoModelForCausalLM...``) and scaling its
+    logits."""
+
+    def __init__(self, lm: nn.Module):
+        super().__init__()
+        self.model = lm
+        self.temperature = 2.0
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids, use_cache=False).logits / self.temperature
+
+
+class _Classifier(nn.Module):
+    """A classifier head around a Hugging Face encoder backbone, reading its first token."""
+
+    def __init__(self, backbone: nn.Module, classes: int = 3):
+        super().__init__()
+        self.backbone = backbone
+        self.head = nn.Linear(backbone.config.hidden_size, classes)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(input_ids, attention_mask=attention_mask).last_hidden_state[:, 0])
+
+
+def _reloaded(model: nn.Module, tmp_path) -> nn.Module:
+    model.save_pretrained(tmp_path)
+    return type(model).from_pretrained(tmp_path, attn_implementation="eager").eval()
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
+def test_a_wrapped_causal_lm_is_refitted_and_reloads_from_pretrained_with_the_pruned_outputs(family, tmp_path):
+    from graph.config_plan import config_expressible_plan
+
+    wrapper = _CausalWrapper(hf_models.FAMILIES[family]("eager")).eval()
+    ids, _ = hf_models.token_inputs(2, 8, padded=False)
+    rnet = capture(wrapper, ids)
+    plan = config_expressible_plan(wrapper, rnet, plan_by_ratio(rnet, 0.5))
+    assert not plan.excluded and not plan.trimmed and len(plan) == 2 * LAYERS
+    pruned = apply_plan(wrapper, rnet, plan, inputs=((ids,), {}))
+    kv_heads = 2 if family in ("qwen2", "qwen3") else HEADS
+    config = pruned.model.config
+    assert (config.num_attention_heads, config.num_key_value_heads, config.intermediate_size) == (
+        HEADS // 2, kv_heads // 2, INTERMEDIATE // 2)
+    assert wrapper.model.config.intermediate_size == INTERMEDIATE
+    loaded = _reloaded(pruned.model, tmp_path)
+    other, _ = hf_models.token_inputs(3, 11, padded=False, seed=5)
+    with torch.no_grad():
+        expected = rnet.mask_channels(plan)(other)
+        _assert_close(pruned(other), expected)
+        _assert_close(loaded(other, use_cache=False).logits / 2.0, expected)
+
+
+def test_a_classifier_head_around_a_bert_backbone_keeps_the_mlp_and_leaves_out_heads_no_config_holds(tmp_path):
+    from graph.config_plan import config_expressible_plan
+
+    torch.manual_seed(0)
+    model = _Classifier(hf_models.bert("eager")).eval()
+    ids, mask = hf_models.token_inputs(2, 8, padded=True)
+    rnet = capture(model, ids, mask)
+    requested = plan_by_ratio(rnet, 0.5)
+    plan = config_expressible_plan(model, rnet, requested)
+    heads = {g for g in requested if g.size == HEADS}
+    # The unused pooler's output width is the hidden size in the config: no field holds it alone either.
+    pooler = {g for g in requested if any((m.node, m.dim) == ("backbone.pooler.dense", 0) for m in g.members)}
+    assert len(heads) == LAYERS and len(pooler) == 1 and set(plan.excluded) == heads | pooler
+    assert set(plan) == set(requested) - heads - pooler
+    assert all("BertConfig cannot hold" in reason for reason in plan.excluded.values())
+    pruned = apply_plan(model, rnet, plan, inputs=((ids, mask), {}))
+    assert pruned.backbone.config.intermediate_size == INTERMEDIATE // 2
+    loaded = _reloaded(pruned.backbone, tmp_path)
+    other, other_mask = hf_models.token_inputs(3, 10, padded=True, seed=6)
+    with torch.no_grad():
+        expected = rnet.mask_channels(plan)(other, other_mask)
+        _assert_close(pruned(other, other_mask), expected)
+        _assert_close(pruned.head(loaded(other, attention_mask=other_mask).last_hidden_state[:, 0]), expected)
+
+
+def test_a_config_held_outside_any_hugging_face_model_is_refused_and_left_out_of_the_config_plan():
+    import copy
+
+    from graph.config_plan import config_expressible_plan
+
+    wrapper = _CausalWrapper(hf_models.llama("eager")).eval()
+    wrapper.config = copy.deepcopy(wrapper.model.config)  # a second config no PreTrainedModel owns
+    ids, _ = hf_models.token_inputs(2, 8, padded=False)
+    rnet = capture(wrapper, ids)
+    requested = plan_by_ratio(rnet, 0.5)
+    with pytest.raises(PruningError, match="the model .*_CausalWrapper.* holds a LlamaConfig that apply_plan cannot "
+                                           "refit"):
+        apply_plan(wrapper, rnet, requested, inputs=((ids,), {}))
+    plan = config_expressible_plan(wrapper, rnet, requested)
+    assert not plan and set(plan.excluded) == set(requested)
+    assert all("cannot refit" in reason for reason in plan.excluded.values())
+
+
+def test_value_only_head_dim_groups_of_a_single_kv_head_are_left_out_and_the_rest_reloads(tmp_path):
+    import transformers
+
+    from graph.config_plan import config_expressible_plan
+
+    config = transformers.LlamaConfig(vocab_size=hf_models.VOCAB, hidden_size=hf_models.HIDDEN,
+                                      num_hidden_layers=LAYERS, num_attention_heads=HEADS, num_key_value_heads=1,
+                                      intermediate_size=INTERMEDIATE, max_position_embeddings=128,
+                                      attn_implementation="eager")
+    torch.manual_seed(0)
+    wrapper = _CausalWrapper(transformers.LlamaForCausalLM(config).eval()).eval()
+    ids, _ = hf_models.token_inputs(2, 8, padded=False)
+    rnet = capture(wrapper, ids)
+    requested = plan_by_ratio(rnet, 0.5)
+    plan = config_expressible_plan(wrapper, rnet, requested)
+    # Hand-derived: the channels of the one value head, each used by every query head, with no k/q rows.
+    value_only = {g for g in requested if any(m.node.endswith("v_proj") and m.dim == 0 for m in g.members)
+                  and not any(m.node.endswith(("k_proj", "q_proj")) for m in g.members)}
+    assert len(value_only) == LAYERS and all(g.size == HEAD_DIM for g in value_only)
+    assert set(plan.excluded) == value_only and set(plan) == set(requested) - value_only
+    pruned = apply_plan(wrapper, rnet, plan, inputs=((ids,), {}))
+    assert (pruned.model.config.intermediate_size, pruned.model.config.num_key_value_heads) == (INTERMEDIATE // 2, 1)
+    loaded = _reloaded(pruned.model, tmp_path)
+    with torch.no_grad():
+        _assert_close(loaded(ids, use_cache=False).logits / 2.0, rnet.mask_channels(plan)(ids))
+
+
+def _falcon() -> nn.Module:
+    import transformers
+
+    config = transformers.FalconConfig(vocab_size=hf_models.VOCAB, hidden_size=hf_models.HIDDEN,
+                                       num_hidden_layers=LAYERS, num_attention_heads=HEADS, multi_query=False,
+                                       new_decoder_architecture=False, attn_implementation="eager")
+    torch.manual_seed(0)
+    return transformers.FalconForCausalLM(config).eval()
+
+
+@pytest.mark.parametrize("family", ["gpt2", "falcon"])
+def test_heads_whose_size_derives_from_the_hidden_size_are_left_out_even_with_qkv_rows_interleaved(family, tmp_path):
+    from graph.config_plan import config_expressible_plan
+
+    wrapper = _CausalWrapper(_falcon() if family == "falcon" else hf_models.gpt2("eager")).eval()
+    ids, _ = hf_models.token_inputs(2, 8, padded=False)
+    rnet = capture(wrapper, ids)
+    requested = plan_by_ratio(rnet, 0.5)
+    heads = {g for g in requested if g.size == HEADS}
+    mlp = set(requested) - heads
+    if family == "falcon":  # fused rows interleave per head: q, k, v of head 0, then of head 1 ...
+        rows = next(m for g in heads for m in g.members if m.node.endswith("query_key_value.weight"))
+        assert rows.positions[0].tolist() == list(range(3 * HEAD_DIM))
+    plan = config_expressible_plan(wrapper, rnet, requested)
+    # Falcon's MLP width is 4 x hidden size, which no field holds alone; GPT-2's is n_inner.
+    left_out = heads | (mlp if family == "falcon" else set())
+    assert len(heads) == LAYERS and set(plan.excluded) == left_out and set(plan) == set(requested) - left_out
+    assert all(f"{type(wrapper.model.config).__name__} cannot hold" in r for r in plan.excluded.values())
+    pruned = apply_plan(wrapper, rnet, plan, inputs=((ids,), {}))
+    loaded = _reloaded(pruned.model, tmp_path)
+    assert loaded.config.num_attention_heads == HEADS
+    with torch.no_grad():
+        _assert_close(loaded(ids, use_cache=False).logits / 2.0, rnet.mask_channels(plan)(ids))
+
+
+def test_layers_pruned_unevenly_are_trimmed_to_one_count_the_config_holds():
+    from graph.config_plan import config_expressible_plan
+
+    wrapper = _CausalWrapper(hf_models.llama("eager")).eval()
+    ids, _ = hf_models.token_inputs(2, 8, padded=False)
+    rnet = capture(wrapper, ids)
+    mlp = [g for g in rnet.channel_groups() if g.size == INTERMEDIATE]
+    plan = config_expressible_plan(wrapper, rnet, {mlp[0]: [5, 9, 1, 7], mlp[1]: [3, 2]})
+    assert plan == {mlp[0]: [5, 9], mlp[1]: [3, 2]} and plan.trimmed == {mlp[0]: 4} and not plan.excluded
+    pruned = apply_plan(wrapper, rnet, plan, inputs=((ids,), {}))
+    assert pruned.model.config.intermediate_size == INTERMEDIATE - 2
+
+
+def test_per_layer_list_fields_are_fitted_entry_by_entry(tmp_path):
+    import transformers
+
+    from graph.config_plan import config_expressible_plan
+
+    config = transformers.Gemma3nTextConfig(
+        vocab_size=hf_models.VOCAB, vocab_size_per_layer_input=hf_models.VOCAB, hidden_size=hf_models.HIDDEN,
+        hidden_size_per_layer_input=8, num_hidden_layers=LAYERS, num_attention_heads=HEADS, num_key_value_heads=2,
+        head_dim=HEAD_DIM, intermediate_size=[INTERMEDIATE, 96], laurel_rank=8, altup_num_inputs=2,
+        num_kv_shared_layers=0, activation_sparsity_pattern=[0.0, 0.0],
+        layer_types=["sliding_attention", "full_attention"], sliding_window=16)
+    torch.manual_seed(0)
+    wrapper = _CausalWrapper(transformers.Gemma3nForCausalLM(config).eval()).eval()
+    ids, _ = hf_models.token_inputs(2, 8, padded=False)
+    rnet = capture(wrapper, ids)
+    requested = plan_by_ratio(rnet, 0.5)
+    plan = config_expressible_plan(wrapper, rnet, requested)
+    mlp = {g for g in plan if any(m.node.endswith("down_proj") and m.dim == 1 for m in g.members)}
+    assert sorted(g.size for g in mlp) == [96, INTERMEDIATE] and not plan.trimmed
+    # AltUp's prediction inputs and LAuReL's rank have no config field in the fitted set: left out, with the reason.
+    assert plan.excluded and all("Gemma3nTextConfig cannot hold" in r for r in plan.excluded.values())
+    pruned = apply_plan(wrapper, rnet, plan, inputs=((ids,), {}))
+    assert list(pruned.model.config.intermediate_size) == [INTERMEDIATE // 2, 48]
+    assert list(wrapper.model.config.intermediate_size) == [INTERMEDIATE, 96]
+    loaded = _reloaded(pruned.model, tmp_path)
+    with torch.no_grad():
+        _assert_close(loaded(ids, use_cache=False).logits / 2.0, rnet.mask_channels(plan)(ids))
+
+
+def test_swin_v2_relative_coords_table_joins_no_channel_group_and_its_channel_groups_prune_exactly():
+    torch.manual_seed(0)
+    model = torchvision.models.swin_v2_t(weights=None).eval()
+    x = torch.randn(1, 3, 64, 64)
+    rnet = capture(model, x)
+    tables = [g for g in rnet.channel_groups() if any(m.node.endswith("relative_coords_table") for m in g.members)]
+    coordinates = [g for g in tables for m in g.members if m.node.endswith("relative_coords_table") and m.dim == 3]
+    assert len(coordinates) == 12 and all(not g.prunable and "holds no channels" in g.reason for g in coordinates)
+    assert not any(g.prunable for g in tables)
+    plan = {g: drop for g, drop in plan_by_ratio(rnet, 0.5).items() if g.exact}
+    assert not set(plan) & set(tables) and len(plan) > 20
+    other = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        _assert_close(rnet.prune_channels(plan)(other), rnet.mask_channels(plan)(other))
+    mlp = {g: drop for g, drop in plan.items() if any(m.node.endswith("mlp.0") for m in g.members)}
+    pruned = apply_plan(model, rnet, mlp, inputs=((x,), {}))
+    assert pruned.features[1][0].attn.relative_coords_table.shape == model.features[1][0].attn.relative_coords_table.shape
+    with torch.no_grad():
+        _assert_close(pruned(other), rnet.mask_channels(mlp)(other))

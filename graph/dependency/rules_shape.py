@@ -328,7 +328,7 @@ def getitem_rule(ctx: RuleContext) -> None:
         return
     explicit = sum(1 for i in index if i is not None and i is not Ellipsis)
     mapping, slices, in_dim, out_dim = {}, {}, 0, 0
-    for item in index:
+    for position, item in enumerate(index):
         if item is Ellipsis:
             skip = len(in_shape) - explicit
             for _ in range(skip):
@@ -336,7 +336,7 @@ def getitem_rule(ctx: RuleContext) -> None:
         elif item is None:
             out_dim += 1
         elif isinstance(item, slice):
-            slices[in_dim] = (item, out_dim)
+            slices[in_dim] = (item, position)
             mapping[in_dim], in_dim, out_dim = out_dim, in_dim + 1, out_dim + 1
         else:
             factor = labeling.factor_at(in_dim) if labeling is not None else None
@@ -345,10 +345,10 @@ def getitem_rule(ctx: RuleContext) -> None:
             in_dim += 1
     while in_dim < len(in_shape):
         mapping[in_dim], in_dim, out_dim = out_dim, in_dim + 1, out_dim + 1
-    for d, (item, out) in slices.items():
+    for d, (item, position) in slices.items():
         bounds = (item.start, item.stop, item.step)
         if all(ctx.reads_channel_sizes_only(v) for v in bounds if isinstance(v, Sym)):
-            slices[d] = (slice(*(ctx.captured_value(v) for v in bounds)), out)
+            slices[d] = (slice(*(ctx.captured_value(v) for v in bounds)), position)
         elif labeling is not None:
             labeling = ctx.collapse(labeling, d)
     if labeling is None:
@@ -361,7 +361,7 @@ def getitem_rule(ctx: RuleContext) -> None:
         ids = factor.ids
         for d in factor.dims:
             if d in slices:
-                item, _ = slices[d]
+                item, position = slices[d]
                 axis = factor.dims.index(d)
                 start, stop, step = item.start, item.stop, item.step
                 if step not in (None, 1):
@@ -370,7 +370,7 @@ def getitem_rule(ctx: RuleContext) -> None:
                 positions = range(in_shape[d])[slice(start, stop)]
                 ids = np.take(ids, list(positions), axis=axis)
                 if len(positions) != in_shape[d]:
-                    ctx.rewrite(_slice_rewrite(factor.rows(d), d, positions.start, positions.stop, index))
+                    ctx.rewrite(_slice_rewrite(factor.rows(d), position, positions.start, positions.stop))
         else:
             factors.append(Factor(tuple(mapping[d] for d in factor.dims), ids))
     ctx.set_output(Labeling(len(out_shape), tuple(factors)) if factors else None)
@@ -393,18 +393,13 @@ def _advanced_index(ctx: RuleContext, labeling: Labeling | None, index: tuple, r
     ctx.set_output(labeling.remap({d: d + offset for d in range(1, rank)}, out_rank) if labeling else None)
 
 
-def _slice_rewrite(rows: np.ndarray, dim: int, start: int, stop: int, index: tuple):
-    """New bounds from which positions along ``dim`` survive (``rows``: the ids at each position, one row each)."""
+def _slice_rewrite(rows: np.ndarray, position: int, start: int, stop: int):
+    """New bounds of the slice at ``position`` of the index, from which positions along its dim survive (``rows``:
+    the ids at each position, one row each)."""
     def rewrite(node, removed):
         keep = ~removed(rows).all(axis=1)
         new = slice(int(keep[:start].sum()), int(keep[:stop].sum()))
         items = list(node.args[1] if isinstance(node.args[1], tuple) else (node.args[1],))
-        position, seen = 0, 0
-        for position, item in enumerate(items):
-            if isinstance(item, slice) or not (item is None or item is Ellipsis):
-                if seen == dim:
-                    break
-                seen += 1
         items[position] = new
         node.args = (node.args[0], tuple(items) if isinstance(node.args[1], tuple) else items[0])
     return rewrite
@@ -601,8 +596,8 @@ def attention_rule(ctx: RuleContext) -> None:
     if k_heads is not None and v_heads is not None:
         ctx.record.union(k_heads, v_heads)
     if any(ids is None for ids in head):
-        for ids in head:
-            ctx.block(ids, "attention operand whose heads cannot be pruned")
+        for ref in (q, k, v):
+            ctx.block(ctx.labels(ref), "attention operand whose heads cannot be pruned")
         return
     for ref in (q, k, v):
         labeling = ctx.labels(ref)
