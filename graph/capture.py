@@ -22,6 +22,7 @@ from torch.overrides import TorchFunctionMode
 
 from . import oplib, symbolic
 from .errors import CaptureError
+from .generalize import generalize_size_one, grown_inputs
 from .ir import Node, Ref, Struct, Sym, iter_refs
 from .leaves import leaf_type
 from .modes import branches_on_training, merge_modes
@@ -131,6 +132,7 @@ class Tracer(TorchFunctionMode):
         self.output_template: Any = None
         self.example_inputs: tuple[tuple, dict] | None = None  # the root's (args, kwargs) of the recorded call
         self.training = root.training
+        self.grad_at_start = True  # grad mode at start(): nodes record no_grad only where the forward turned it off
         self._device: torch.device | None = None
         self._producer: dict[int, Ref] = {}
         self._shape_only: set[int] = set()
@@ -177,6 +179,7 @@ class Tracer(TorchFunctionMode):
         # masks instead of checking whether this particular mask has padding).
         self._saved_exporting = torch.compiler._is_exporting_flag
         torch.compiler._is_exporting_flag = True
+        self.grad_at_start = torch.is_grad_enabled()
         symbolic.set_recorder(self)
         self.__enter__()
         self._started = True
@@ -444,7 +447,7 @@ class Tracer(TorchFunctionMode):
         meta = {"out": describe(output)}
         if isinstance(output, torch.Tensor):
             meta["dtype"] = str(output.dtype).replace("torch.", "")
-        if not grad_enabled:
+        if self.grad_at_start and not grad_enabled:  # the forward itself turned grad off here
             meta["no_grad"] = True
         self.nodes.append(Node(name=name, op=op, args=args, kwargs=kwargs, source=source, meta=meta))
         self.node_modules.append(module)
@@ -482,18 +485,32 @@ def capture(model: nn.Module, *example_inputs: Any, **example_kwargs: Any):
 
 def network_from_trace(tracer: Tracer, model: nn.Module, example_inputs: tuple, example_kwargs: dict,
                        copy_modules: bool):
-    """The network a finished trace of ``model`` recorded; where the forward branches on ``self.training``, a copy of
-    ``model`` is traced in the other mode on the same inputs and merged in (:func:`graph.modes.merge_modes`)."""
+    """The network a finished trace of ``model`` recorded, made general in two ways by tracing copies of ``model``:
+    where a guard read a size that was 1, the trace at grown sizes replaces it when it replays the example exactly
+    (:mod:`graph.generalize`); where the forward branches on ``self.training``, the other mode is traced (on the
+    example, else at the grown batch size) and merged in (:func:`graph.modes.merge_modes`)."""
     from .network import ReconstructedNetwork
 
+    inputs = (example_inputs, example_kwargs)
+    tracer = generalize_size_one(tracer, model, inputs, _trace_copy)
     if branches_on_training(tracer.guards):
-        try:
-            other = _trace_copy(model, not tracer.training, example_inputs, example_kwargs)
-        except Exception:  # the other mode cannot run on this input (BatchNorm at batch 1): keep the guards
-            other = None
+        other = _trace_other_mode(model, not tracer.training, inputs)
         if other is not None:
             merge_modes(tracer, other)
     return ReconstructedNetwork.from_tracer(tracer, copy_modules=copy_modules)
+
+
+def _trace_other_mode(model: nn.Module, training: bool, inputs: tuple[tuple, dict]) -> Tracer | None:
+    """A trace of ``model`` in the given mode on the example, else on it grown to batch 2 (BatchNorm in train mode
+    needs more than one value per channel); ``None`` when neither runs (replay in that mode then names the branch)."""
+    for attempt in (inputs, grown_inputs(inputs, every_dim=False)):
+        if attempt is None:
+            continue
+        try:
+            return _trace_copy(model, training, *attempt)
+        except Exception:  # this mode cannot run on this input: try the next one
+            continue
+    return None
 
 
 def _trace_copy(model: nn.Module, training: bool, example_inputs: tuple, example_kwargs: dict) -> Tracer:

@@ -288,7 +288,8 @@ def reduction(call: OpCall) -> Cost:
 _FREE_LEAVES = ("Identity", "Embedding", "Dropout", "Dropout1d", "Dropout2d", "Dropout3d", "AlphaDropout",
                 "StochasticDepth", "PixelShuffle", "PixelUnshuffle", "ChannelShuffle", "Flatten", "Unflatten",
                 "ZeroPad1d", "ZeroPad2d", "ZeroPad3d", "ConstantPad1d", "ConstantPad2d", "ConstantPad3d",
-                "ReflectionPad1d", "ReflectionPad2d", "ReplicationPad1d", "ReplicationPad2d", "param", "constant")
+                "ReflectionPad1d", "ReflectionPad2d", "ReplicationPad1d", "ReplicationPad2d", "param", "constant",
+                "mode_select")
 _FREE_NAMES = (
     "view", "view_as", "reshape", "reshape_as", "flatten", "unflatten", "squeeze", "unsqueeze", "permute",
     "transpose", "t", "T", "mT", "swapaxes", "movedim", "contiguous", "expand", "expand_as", "repeat",

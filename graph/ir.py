@@ -134,3 +134,16 @@ def _shift_expr(expr: Any, mapping: dict[int, int]) -> Any:
     if isinstance(expr, tuple):
         return tuple(_shift_expr(e, mapping) for e in expr)
     return expr
+
+
+def captured_sizes(expr: Any, nodes: list[Node]) -> set[int]:
+    """The values at capture of the tensor sizes (``("size", ref, dim)``) a symbolic expression reads."""
+    if not isinstance(expr, tuple) or not expr:
+        return set()
+    if expr[0] == "size" and isinstance(expr[1], Ref):
+        shape = nodes[expr[1].index].out_shape
+        for key in expr[1].path:  # outputs are described as lists and dicts of shape tuples
+            shape = shape[key] if isinstance(shape, (list, dict)) else None
+        dim = expr[2]
+        return {shape[dim]} if isinstance(shape, tuple) and -len(shape) <= dim < len(shape) else set()
+    return set().union(*(captured_sizes(e, nodes) for e in expr[1:]))

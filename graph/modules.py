@@ -95,6 +95,24 @@ class SetItem(FunctionalOp):
         return tensor
 
 
+MODE_SELECT = "mode_select"
+
+
+class ModeSelect(FunctionalOp):
+    """Node that passes on one of two tensors by the network's mode, for a node whose input differs between train and
+    eval mode (:mod:`graph.modes`); its one argument is ``Sym(("by_mode", train_ref, eval_ref))``, which replay
+    fills in from the current mode only."""
+
+    def __init__(self):
+        nn.Module.__init__(self)
+        self.target = MODE_SELECT
+        self.fn = _passed_on
+
+
+def _passed_on(value: Any) -> Any:
+    return value
+
+
 class ParameterNode(nn.Module):
     """Node for a parameter or buffer that a traced forward reads directly (class tokens, position embeddings)."""
 

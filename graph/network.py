@@ -18,10 +18,12 @@ from torch.nn.modules import module as torch_module
 
 from . import symbolic
 from .errors import ReplayError
-from .ir import Node, Ref, Struct, Sym, is_dynamic, iter_refs
+from .ir import Node, Ref, Struct, Sym, captured_sizes, is_dynamic, iter_refs
+from .modes import node_mode
 from .modules import FunctionalOp
 
 _MISSING = object()
+SPECIAL_AT_SIZE_ONE = "special_at_size_one"  # input-node meta: the forward computes otherwise when its size-1 dims grow
 
 
 class _Run:
@@ -52,6 +54,9 @@ def compile_template(template: Any) -> Callable[[_Run], Any]:
         if not path:
             return lambda run: run.env[index]
         return lambda run: run.resolve(template)
+    if isinstance(template, Sym) and isinstance(template.expr, tuple) and template.expr[:1] == ("by_mode",):
+        train, evaluation = compile_template(template.expr[1]), compile_template(template.expr[2])
+        return lambda run: train(run) if run.context["training"] else evaluation(run)
     if isinstance(template, Sym):
         expr = template.expr
         return lambda run: run.evaluate(expr)
@@ -264,8 +269,8 @@ class ReconstructedNetwork(nn.Module):
             expected_len = len(out) if isinstance(out, list) else None
             module = self.nodes[node.key]
             program.append((i, module, _direct_callable(module), compile_template(tuple(node.args)),
-                            compile_template(dict(node.kwargs)), node.meta.get("no_grad", False), expected_len,
-                            checks_after.get(i, ()), frees.get(i, ())))
+                            compile_template(dict(node.kwargs)), node.meta.get("no_grad", False), node_mode(node),
+                            expected_len, checks_after.get(i, ()), frees.get(i, ())))
         self._program = (program, checks_after.get(-1, ()), compile_template(self.output_template))
         return self._program
 
@@ -320,7 +325,12 @@ class ReconstructedNetwork(nn.Module):
         # Calling a node's function directly skips nn.Module.__call__ (a few microseconds per node, which is most of
         # the replay overhead on small models); hooks and JIT tracing still get the full call.
         bypass = not (_global_hooks() or torch._C._get_tracing_state())
-        for index, module, direct, arg_fn, kwarg_fn, no_grad, expected_len, checks, frees in program:
+        training = self.training
+        for index, module, direct, arg_fn, kwarg_fn, no_grad, mode, expected_len, checks, frees in program:
+            if mode is not None and mode is not training:  # a node of the other mode (graph.modes)
+                for j in frees:
+                    env[j] = None
+                continue
             call = direct if bypass and not _has_hooks(module) else module
             node_args, node_kwargs = arg_fn(run), kwarg_fn(run)
             if no_grad and torch.is_grad_enabled():
@@ -370,22 +380,19 @@ class ReconstructedNetwork(nn.Module):
             if value != expected:
                 names = [n.name for n in self.graph_nodes]
                 what = "training mode" if "training" in repr(expr) else "input shape"
-                hint = (" A size was 1 when captured, and code often special-cases size 1 (broadcasting, batch of "
-                        "one): capture with sizes of at least 2 to replay at any size."
-                        if 1 in self._captured_sizes(expr) else "")
+                hint = self._size_one_hint() if 1 in captured_sizes(expr, self.graph_nodes) else ""
                 raise ReplayError(
                     f"replay diverges from the captured forward: at {source}, {describe_expr(expr, names)} was "
                     f"{expected!r} when captured but is {value!r} now. The forward branches on the {what} there, "
                     f"so capture again with an input of this shape (or in this mode).{hint}")
 
-    def _captured_sizes(self, expr: Any) -> set[int]:
-        """The captured values of the tensor sizes an expression reads."""
-        if not isinstance(expr, tuple) or not expr:
-            return set()
-        if expr[0] == "size" and isinstance(expr[1], Ref) and not expr[1].path:
-            shape = self.graph_nodes[expr[1].index].out_shape
-            return {shape[expr[2]]} if isinstance(shape, tuple) and -len(shape) <= expr[2] < len(shape) else set()
-        return set().union(*(self._captured_sizes(e) for e in expr[1:]))
+    def _size_one_hint(self) -> str:
+        if any(node.meta.get(SPECIAL_AT_SIZE_ONE) for node in self.input_nodes):
+            return (" A size was 1 when captured, and capture traced the forward again with it grown to 2: the model "
+                    "computes another result at size 1 (it special-cases that size), so no one graph holds for both; "
+                    "capture again with an input of the size you will run.")
+        return (" A size was 1 when captured, and code often special-cases size 1 (broadcasting, batch of one): "
+                "capture with sizes of at least 2 to replay at any size.")
 
     # ------------------------------------------------------------------ copying
     def __getstate__(self) -> dict:

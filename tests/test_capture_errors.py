@@ -72,13 +72,16 @@ class ShapeBranchNet(nn.Module):
 
 
 class TrainingBranchNet(nn.Module):
+    """Its train-mode branch cannot run on any input (BatchNorm over one averaged row), so only eval mode captures."""
+
     def __init__(self):
         super().__init__()
         self.linear = nn.Linear(4, 4)
+        self.norm = nn.BatchNorm1d(4)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training:
-            return self.linear(x).relu()
+            return self.norm(self.linear(x).mean(0, keepdim=True))
         return self.linear(x)
 
 
@@ -135,7 +138,7 @@ def test_shape_branch_taking_the_other_way_raises_replay_error_naming_the_line()
     assert _line_of("if x.shape[-1] > 32:") in str(error.value)
 
 
-def test_training_branch_captured_in_eval_raises_when_replayed_in_train_mode():
+def test_training_branch_that_cannot_run_at_capture_raises_when_replayed_in_train_mode():
     model = TrainingBranchNet().eval()
     net = capture(model, torch.randn(2, 4))
     x = torch.randn(5, 4)
