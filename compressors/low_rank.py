@@ -21,6 +21,7 @@ from typing import Any, Callable, Mapping
 import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
 
 from graph.flops import count_flops
 from graph.network import ReconstructedNetwork
@@ -208,11 +209,9 @@ class LowRankDecomposition(Compressor):
     def collect_solve_rewrite(self) -> ReconstructedNetwork:
         """Decompose the planned layers in graph order (see the module docstring), then recalibrate BatchNorm
         where that helps; every layer's choice is logged."""
-        plan = self.plan_ranks()
+        plan = {name: rank for name, rank in self.plan_ranks().items() if rank > 0}
         working = self.origin_net
-        for name, rank in plan.items():
-            if rank == 0:
-                continue
+        for name, rank in tqdm(plan.items(), desc="low-rank: layers", disable=not self.verbose):
             problem = self.problem(working, name)
             working = self._decompose_checked(working, problem, rank)
         if working is self.origin_net:

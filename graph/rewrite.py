@@ -24,7 +24,8 @@ from .leaves import leaf_type
 from .network import ReconstructedNetwork, _unique_key
 
 
-_SHAPE_META = ("out", "dtype")  # what a replaced node's meta says about its own output; the rest (mode, no_grad) is kept
+# What a replaced node's meta says about its own output (recomputed); the rest (mode, no_grad) is inherited.
+_SHAPE_META = ("out", "dtype")
 
 
 @dataclass(frozen=True)
