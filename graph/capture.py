@@ -8,7 +8,6 @@ real forward runs, Python control flow, asserts and shape-dependent code just wo
 from __future__ import annotations
 
 import builtins
-import copy
 import inspect
 import os
 import sys
@@ -25,6 +24,7 @@ from .errors import CaptureError
 from .generalize import generalize_size_one, grown_inputs
 from .ir import Node, Ref, Struct, Sym, iter_refs
 from .leaves import leaf_type
+from .module_copy import deepcopy_module
 from .modes import branches_on_training, merge_modes
 from .modules import ConstantNode, FunctionalOp, ParameterNode, make_functional
 from .oplib import OpKind
@@ -142,6 +142,7 @@ class Tracer(TorchFunctionMode):
         self._scope: list[str] = []
         self._pending_leaf: list[tuple] = []
         self._leaf_depth = 0
+        self._mode_lifted = False  # True while a leaf module runs with this mode off the torch-function stack
         self._paused = 0
         self._names: Counter = Counter()
         self._handles: list = []
@@ -190,6 +191,7 @@ class Tracer(TorchFunctionMode):
         if not self._started:
             return
         self._started = False
+        self._restore_mode()
         self.__exit__(None, None, None)
         symbolic.set_recorder(None)
         builtins.range = self._saved_range
@@ -256,8 +258,24 @@ class Tracer(TorchFunctionMode):
             self._pending_leaf.append((module, self.template(args), self.template(kwargs), source_line(),
                                        torch.is_grad_enabled()))
             self._leaf_depth = 1
+            self._lift_mode()
         else:
             self._scope.append(self._module_names.get(id(module), type(module).__name__))
+
+    def _lift_mode(self) -> None:
+        """Take this mode off the torch-function stack while a leaf module runs: nothing inside a leaf is recorded, and
+        every op in it would otherwise go through the mode's dispatch (most of capture's overhead on BatchNorm-heavy
+        networks). Left in place when the forward pushed a mode of its own on top."""
+        depth = torch._C._len_torch_function_stack()
+        if depth and torch._C._get_function_stack_at(depth - 1) is self:
+            torch._C._pop_torch_function_stack()
+            self._mode_lifted = True
+
+    def _restore_mode(self) -> None:
+        """Put back the mode :meth:`_lift_mode` took off (when the leaf returns, or when a failed capture stops)."""
+        if self._mode_lifted:
+            torch._C._push_on_torch_function_stack(self)
+            self._mode_lifted = False
 
     def _exit_module(self, module: nn.Module, output: Any) -> None:
         if self._leaf_depth > 1:
@@ -265,6 +283,7 @@ class Tracer(TorchFunctionMode):
             return
         if self._leaf_depth == 1:
             self._leaf_depth = 0
+            self._restore_mode()
             leaf, arg_template, kwarg_template, source, grad = self._pending_leaf.pop()
             name = self._module_names.get(id(leaf), type(leaf).__name__) or type(leaf).__name__
             self._add_node(name, leaf_type(leaf).__name__, leaf, arg_template, kwarg_template, source, output, grad)
@@ -515,7 +534,7 @@ def _trace_other_mode(model: nn.Module, training: bool, inputs: tuple[tuple, dic
 
 def _trace_copy(model: nn.Module, training: bool, example_inputs: tuple, example_kwargs: dict) -> Tracer:
     """Trace a deep copy of ``model`` in the given mode; its buffers end as the model's (the forward may update them)."""
-    working = copy.deepcopy(model).train(training)
+    working = deepcopy_module(model).train(training)
     tracer = Tracer(working).start()
     try:
         with torch.random.fork_rng(devices=[]):

@@ -8,6 +8,7 @@ import torch
 
 from .dependency import ChannelGroup
 
+_CHUNK_ELEMENTS = 1 << 18  # elements per slice when reducing a tensor's leading dim
 Importance = Union[str, Callable[["ReconstructedNetwork", ChannelGroup], np.ndarray]]  # noqa: F821
 
 
@@ -26,14 +27,18 @@ def _norm_scores(rnet, group: ChannelGroup, power: int, reduced: dict) -> np.nda
 
 
 def _power_sums(tensor: torch.Tensor, power: int, dims: list[int]) -> torch.Tensor:
-    """``sum(|tensor|^power)`` over ``dims``. Reducing trailing dims is one fused norm pass; reducing a leading dim
-    (a consumer's input channels) is faster with one elementwise temporary than as a strided norm (vgg16's first
-    Linear: 0.25 s against 0.7 s)."""
+    """``sum(|tensor|^power)`` over ``dims``. Reducing trailing dims is one fused norm pass; reducing the leading dim
+    (a consumer's input channels) goes through slices of about a megabyte, whose elementwise temporaries stay in
+    cache and reuse one allocation (vgg16's first Linear: 0.04 s, against 0.3 s for one 400 MB temporary and 0.7 s
+    as a strided norm)."""
     if not dims:
         return tensor.abs() ** power
     if min(dims) > 0:
         return torch.linalg.vector_norm(tensor, ord=power, dim=dims) ** power
-    return (tensor.square() if power == 2 else tensor.abs() ** power).sum(dim=dims)
+    total = tensor.new_zeros([size for dim, size in enumerate(tensor.shape) if dim not in dims])
+    for chunk in tensor.split(max(1, _CHUNK_ELEMENTS * tensor.shape[0] // max(1, tensor.numel()))):
+        total += (chunk.square() if power == 2 else chunk.abs() ** power).sum(dim=dims)
+    return total
 
 
 IMPORTANCES: dict[str, Callable] = {

@@ -19,6 +19,7 @@ from .dependency import ChannelGroup, DependencyGraph
 from .errors import PruningError
 from .importance import Importance, group_importance
 from .layer_sync import snapshot, sync_attributes
+from .module_copy import deepcopy_module
 
 Plan = Mapping[Any, Iterable[int]]
 _CACHE: "weakref.WeakKeyDictionary[nn.Module, DependencyGraph]" = weakref.WeakKeyDictionary()
@@ -142,7 +143,7 @@ def prune_channels(rnet, plan: Plan):
     # The tensors that lose channels are shared, not cloned, by the copy (vgg16's classifier alone is 400 MB):
     # slicing replaces them below, and _unshare clones whatever is left of them.
     sliced = _tensors_to_slice(rnet, graph, removed)
-    pruned = copy.deepcopy(rnet, {id(tensor): tensor for tensor in sliced})
+    pruned = deepcopy_module(rnet, {id(tensor): tensor for tensor in sliced})
     owners: dict[int, list[tuple[nn.Module, str]]] = defaultdict(list)
     current: dict[int, torch.Tensor] = {}
     done: set[tuple[int, int]] = set()

@@ -232,8 +232,7 @@ class _MemberEntries:
             comps = self.comps[n_pairs == k]
             pairs = self.comp_pairs[comps][:, None] + np.arange(k)
             rows = np.column_stack([self.member[self.pair_start[pairs]], self.pair_count[pairs], blocked[comps]])
-            _, inverse = np.unique(rows, axis=0, return_inverse=True)
-            inverse = inverse.ravel()
+            inverse = _row_labels(rows)
             signature_of[comps] = inverse + sum(len(f) for f in first_seen)
             seen = np.full(inverse.max() + 1, len(self.order), dtype=np.int64)
             np.minimum.at(seen, inverse, self.order[self.pair_start[self.comp_pairs[comps]]])
@@ -248,6 +247,19 @@ class _MemberEntries:
             count = self.pair_count[self.comp_pairs[comps[0]] + j]
             result.append((int(self.member[starts[0]]), self.position[starts[:, None] + np.arange(count)]))
         return result
+
+
+def _row_labels(rows: np.ndarray) -> np.ndarray:
+    """Per row of a 2-d integer array, the rank of its value among the distinct rows in lexicographic order: the
+    inverse of ``np.unique(rows, axis=0)``, through one ``lexsort`` (several times faster than sorting rows as
+    structured values)."""
+    order = np.lexsort(rows.T[::-1])
+    ordered = rows[order]
+    starts = np.ones(len(rows), dtype=bool)
+    np.any(ordered[1:] != ordered[:-1], axis=1, out=starts[1:])
+    labels = np.empty(len(rows), dtype=np.int64)
+    labels[order] = np.cumsum(starts) - 1
+    return labels
 
 
 def _first_mark(component: np.ndarray, marks: list[tuple[np.ndarray, str]]) -> np.ndarray:
