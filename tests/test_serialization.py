@@ -22,7 +22,8 @@ from graph.ir import Ref, Sym
 from graph.leaves import LEAF_TYPES
 from graph.serialization import load, read_vnmodel_header
 from graph.serialization import vnmodel as vnmodel_format
-from graph.serialization.leaf_configs import build_leaf, leaf_config
+from graph.serialization.leaf_configs import build_leaf, config_problem, leaf_config
+from graph.serialization.spec import network_to_spec
 from graph.serialization.templates import TemplateDecoder, TemplateEncoder
 
 SAVERS = {
@@ -311,6 +312,16 @@ def test_leaf_rebuilt_from_its_stored_arguments_has_the_original_attributes_and_
     assert tensor_shapes(rebuilt) == tensor_shapes(module)
 
 
+@pytest.mark.parametrize("module", LEAF_EXAMPLES, ids=lambda m: type(m).__name__)
+def test_leaf_arguments_as_saved_pass_the_load_time_type_and_value_checks(module):
+    config = TemplateDecoder({}).decode(json.loads(json.dumps(TemplateEncoder({}).encode(
+        leaf_config(module, type(module))))))
+    assert config_problem(type(module), config) is None
+    for name in config:
+        assert f"argument {name}=[]" in config_problem(type(module), {**config, name: []})
+    assert "'not_an_argument' is not an argument" in config_problem(type(module), {**config, "not_an_argument": 1})
+
+
 def public_attributes(module: nn.Module) -> dict:
     return {k: v for k, v in vars(module).items() if not k.startswith("_") and not isinstance(v, torch.Tensor)}
 
@@ -356,6 +367,24 @@ def test_network_pruned_by_graph_pruning_round_trips(fmt, tmp_path):
     loaded = load(SAVERS[fmt](pruned, tmp_path / "net.bin"))
     with torch.no_grad():
         assert torch.equal(loaded(other), pruned(other))
+
+
+@pytest.mark.parametrize("fmt", SAVERS)
+def test_vit_on_multihead_attention_pruned_in_heads_and_width_or_masked_round_trips(fmt, tmp_path):
+    from graph.layer_sync import PrunedMultiheadAttention
+    from graph.pruning import mask_channels, prune_channels
+
+    network, _, _, other, _ = captured("vit")
+    plan = {group: list(range(group.size // 2)) for group in network.channel_groups() if group.prunable}
+    assert any(group.explicit_only for group in plan)  # attention heads and the hidden width are named explicitly
+    pruned, masked = prune_channels(network, plan), mask_channels(network, plan)
+    assert any(isinstance(module, PrunedMultiheadAttention) for module in pruned.nodes.values())
+    for variant in (pruned, masked):
+        path = SAVERS[fmt](variant, tmp_path / "net.bin")
+        loaded = load(path)
+        with torch.no_grad():
+            assert torch.equal(loaded(other), variant(other))
+        assert network_to_spec(loaded)[0] == network_to_spec(variant)[0]
 
 
 def test_saving_refuses_a_module_whose_arguments_disagree_with_its_weights(tmp_path):

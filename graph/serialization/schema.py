@@ -207,7 +207,7 @@ def _meta_out(value: Any, where: str, depth: int = 0) -> None:
 
 @_meta_key("dtype")
 def _meta_dtype(value: Any, where: str) -> None:
-    if value not in DTYPE_NAMES:
+    if not isinstance(value, str) or value not in DTYPE_NAMES:
         raise fail(where, f"unknown dtype {brief(value)}")
 
 

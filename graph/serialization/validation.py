@@ -242,7 +242,7 @@ def _ellipsis(value: dict, where: str, depth: int) -> None:
 
 def _torch_constant_checker(tag: str) -> TagChecker:
     def check(value: dict, where: str, depth: int) -> None:
-        if value[f"${tag}"] not in _TORCH_CONSTANTS[tag]:
+        if not isinstance(value[f"${tag}"], str) or value[f"${tag}"] not in _TORCH_CONSTANTS[tag]:
             raise fail(where, f"unknown torch {tag} {brief(value[f'${tag}'])}")
 
     return check
