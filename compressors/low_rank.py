@@ -117,9 +117,9 @@ class LowRankDecomposition(Compressor):
                 raise CompressionError(f"ranks names {name!r}, which is not a decomposable node of this network "
                                        f"(decomposable: {', '.join(list(self.candidates)[:8])}"
                                        f"{' ...' if len(self.candidates) > 8 else ''})")
-            full = min(candidate.out_channels // candidate.groups, candidate.fan_in)
-            if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= full:
-                raise CompressionError(f"ranks[{name!r}] must be an integer in [1, {full}] (per group), got {rank!r}")
+            if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= candidate.full_rank:
+                raise CompressionError(f"ranks[{name!r}] must be an integer in [1, {candidate.full_rank}] (per group), "
+                                       f"got {rank!r}")
 
     # ------------------------------------------------------------------ ranks
     def plan_ranks(self) -> dict[str, int]:

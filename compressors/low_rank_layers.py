@@ -98,9 +98,14 @@ class Candidate:
     macs_per_rank: float
 
     @property
+    def full_rank(self) -> int:
+        """The rank per group at which the decomposition is exact (it then costs more MACs than the layer)."""
+        return min(self.out_channels // self.groups, self.fan_in)
+
+    @property
     def max_rank(self) -> int:
         """The largest rank per group that still needs fewer MACs than the layer."""
-        return min(self.out_channels // self.groups, self.fan_in, math.ceil(self.macs / self.macs_per_rank) - 1)
+        return min(self.full_rank, math.ceil(self.macs / self.macs_per_rank) - 1)
 
     def rank_for_ratio(self, ratio: float) -> int:
         """The largest rank per group removing at least ``ratio`` of the layer's MACs (at least 1)."""
