@@ -27,6 +27,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 import torch.nn as nn
+from torch.utils._pytree import tree_map
 
 from .capture import iter_tensors
 from .config_fit import ConfigFitter, is_config, pin_head_dim, set_field, shapes_of, sub_configs
@@ -74,8 +75,8 @@ def write_back(model: nn.Module, rnet, pruned, root: str = "", inputs: tuple[tup
     """A deep copy of ``model`` holding the tensors of ``pruned`` (``rnet``, captured from
     ``model.get_submodule(root)``, after pruning), with the sizes its forward reads rewritten, verified on ``inputs``.
 
-    ``inputs`` is ``(args, kwargs)`` for the sub-module's forward (default: ``pruned.example_inputs()``, tensors of
-    ones at the captured shapes); the copy's output must match the pruned network's to ``rtol`` relative to the
+    ``inputs`` is ``(args, kwargs)`` for the sub-module's forward (default: :func:`probe_inputs`, noise at the
+    captured shapes); the copy's output must match the pruned network's to ``rtol`` relative to the
     output's largest magnitude. Raises :class:`PruningError` when a node names no module or parameter of the model,
     when a Hugging Face config cannot hold the pruned sizes (heads or widths that differ between layers, head
     pruning in a model that derives its head size from the hidden size, channels no config field counts:
@@ -93,8 +94,21 @@ def write_back(model: nn.Module, rnet, pruned, root: str = "", inputs: tuple[tup
     changes = SizeChanges(_old_dims(top, new_tensors), _rewritten_constants(rnet, pruned, root))
     _replace_tensors(top, new_tensors)
     _rewrite_sizes(top, changes, fit_config)
-    _verify(sub, pruned, inputs if inputs is not None else pruned.example_inputs(), rtol)
+    _verify(sub, pruned, inputs if inputs is not None else probe_inputs(pruned), rtol)
     return top
+
+
+def probe_inputs(rnet) -> tuple[tuple, dict]:
+    """``(args, kwargs)`` at the captured shapes for checking a write-back: floating-point tensors are seeded normal
+    noise (tensors of ones would make every token or pixel alike and hide sizes such as an attention scale); integer
+    tensors (token ids, masks) are ones, captured constants as captured."""
+    generator = torch.Generator().manual_seed(0)
+
+    def noise(value: Any) -> Any:
+        if isinstance(value, torch.Tensor) and value.is_floating_point():
+            return torch.randn(value.shape, generator=generator, dtype=value.dtype).to(value.device)
+        return value
+    return tree_map(noise, rnet.example_inputs())
 
 
 def _rewrite_sizes(top: nn.Module, changes: SizeChanges, fit_config: bool) -> None:

@@ -589,14 +589,22 @@ def attention_rule(ctx: RuleContext) -> None:
             ctx.collapse(labeling, rank - 1)
     head = [ctx.along(ref, rank - 3) for ref in (q, k, v)]
     mask = ctx.arg(3, "attn_mask")
-    ctx.block(ctx.labels(mask) if isinstance(mask, Ref) else None, "attention mask")
+    mask_shape = ctx.shape(mask) if isinstance(mask, Ref) else None
+    per_head = bool(mask_shape) and len(mask_shape) >= 3 and mask_shape[-3] == heads_q > 1
+    mask_heads = ctx.along(mask, len(mask_shape) - 3) if per_head else None
+    mask_labels = ctx.labels(mask) if isinstance(mask, Ref) else None
+    for factor in mask_labels.factors if mask_labels else ():
+        if not per_head or factor.dims != (len(mask_shape) - 3,):
+            ctx.block(factor, "attention mask")
     q_heads, k_heads, v_heads = head
     if q_heads is not None and k_heads is not None:
         ctx.record.union(q_heads.reshape(heads_kv, -1), k_heads.reshape(heads_kv, 1))
     if k_heads is not None and v_heads is not None:
         ctx.record.union(k_heads, v_heads)
-    if any(ids is None for ids in head):
-        for ref in (q, k, v):
+    if per_head and mask_heads is not None and q_heads is not None:
+        ctx.record.union(mask_heads, q_heads)  # a per-head mask (a relative-position bias) loses the pruned heads
+    if any(ids is None for ids in head) or (per_head and mask_heads is None):
+        for ref in (q, k, v, mask):
             ctx.block(ctx.labels(ref), "attention operand whose heads cannot be pruned")
         return
     for ref in (q, k, v):
