@@ -18,7 +18,7 @@ import torch
 from ..errors import FileFormatError
 from ..network import ReconstructedNetwork
 from .atomic import atomic_path
-from .digest import check_digest, graph_digest, tensor_data_digest, tensor_digest
+from .digest import check_digest, graph_digest, tensor_data_digest
 from .graph_text import canonical_graph, parse_json
 from .spec import network_from_spec, network_to_spec
 from .tensor_data import DTYPES_BY_NAME, dtype_name, tensor_bytes, tensor_from_bytes
@@ -65,8 +65,10 @@ def read_json(content: bytes, unchecked: bool = False) -> ReconstructedNetwork:
 
 
 def _encode_tensor(name: str, tensor: torch.Tensor) -> dict[str, Any]:
-    return {"dtype": dtype_name(tensor.dtype), "shape": list(tensor.shape), "sha256": tensor_digest(name, tensor),
-            "base64": base64.b64encode(tensor_bytes(tensor)).decode("ascii")}
+    raw = tensor_bytes(tensor)
+    return {"dtype": dtype_name(tensor.dtype), "shape": list(tensor.shape),
+            "sha256": tensor_data_digest(name, tensor.dtype, tuple(tensor.shape), raw),
+            "base64": base64.b64encode(raw).decode("ascii")}
 
 
 def _decode_tensor(name: str, entry: Any, unchecked: bool) -> torch.Tensor:

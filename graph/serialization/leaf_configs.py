@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 
 from ..registry import registers_in
+from .validation import brief
 
 ArgumentReader = Callable[[nn.Module], dict[str, Any]]
 _READERS: dict[type[nn.Module], ArgumentReader] = {}
@@ -151,15 +152,15 @@ def config_problem(cls: type[nn.Module], config: dict[str, Any]) -> str | None:
         return f"missing argument {missing[0]!r}"
     for name, value in config.items():
         if not matches_type(value, expected[name]):
-            return f"argument {name}={_brief(value)} is not of type {expected[name]}"
+            return f"argument {name}={brief(value)} is not of type {expected[name]}"
         numbers = [v for v in (value if isinstance(value, tuple) else (value,))
                    if isinstance(v, int) and not isinstance(v, bool)]
         if any(abs(v) >= _MAX_ARGUMENT for v in numbers):
-            return f"argument {name}={_brief(value)} is out of range"
+            return f"argument {name}={brief(value)} is out of range"
         if name in _POSITIVE and any(v < 1 for v in numbers):
-            return f"argument {name}={_brief(value)} must be positive"
+            return f"argument {name}={brief(value)} must be positive"
         if name in _NON_NEGATIVE and any(v < 0 for v in numbers):
-            return f"argument {name}={_brief(value)} must be non-negative"
+            return f"argument {name}={brief(value)} must be non-negative"
     for base in cls.__mro__:
         if base in _CONSTRAINTS:
             return _CONSTRAINTS[base]({**_defaults(cls), **config})
@@ -197,11 +198,6 @@ def _defaults(cls: type[nn.Module]) -> dict[str, Any]:
     parameters = inspect.signature(cls.__init__).parameters
     return {n: parameters[n].default for n in constructor_arguments(cls)
             if parameters[n].default is not inspect.Parameter.empty}
-
-
-def _brief(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
 
 
 @constrains(nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)

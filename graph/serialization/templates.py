@@ -18,8 +18,8 @@ import torch
 from ..errors import FileFormatError
 from ..ir import Ref, Struct, Sym
 from ..registry import registers_in
+from .validation import TAG_PREFIX, brief
 
-TAG_PREFIX = "$"
 _STRUCT_IMPORTABLE = ("collections", "torchvision", "transformers")
 
 
@@ -36,7 +36,7 @@ class TemplateEncoder:
             if encoder is not None:
                 return encoder(value, self)
         raise TypeError(f"cannot save a value of type {type(value).__module__}.{type(value).__qualname__}: "
-                        f"{_short_repr(value)}")
+                        f"{brief(value)}")
 
 
 class UnsavedValue:
@@ -58,7 +58,7 @@ def encode_or_placeholder(value: Any, encoder: TemplateEncoder) -> Any:
     try:
         return encoder.encode(value)
     except TypeError:
-        return {"$unsaved": _short_repr(value)}
+        return {"$unsaved": brief(value)}
 
 
 class TemplateDecoder:
@@ -82,11 +82,6 @@ class TemplateDecoder:
         if value is None or isinstance(value, (bool, int, float, str)):
             return value
         raise FileFormatError(f"unexpected {type(value).__name__} in the graph spec")
-
-
-def _short_repr(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 80 else text[:77] + "..."
 
 
 # ---------------------------------------------------------------------------------------------------------- encoders
@@ -192,7 +187,7 @@ _decodes = registers_in(_DECODERS)
 def _payload(value: dict, tag: str, kind: type | tuple[type, ...], length: int | None = None) -> Any:
     payload = value[f"${tag}"]
     if not isinstance(payload, kind) or (length is not None and len(payload) != length):
-        raise FileFormatError(f"malformed ${tag} value {_short_repr(payload)}")
+        raise FileFormatError(f"malformed ${tag} value {brief(payload)}")
     return payload
 
 

@@ -26,10 +26,10 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def tensor_bytes(tensor: torch.Tensor) -> bytes:
-    """The raw C-order bytes of a tensor (copied to the CPU first)."""
+def tensor_bytes(tensor: torch.Tensor) -> memoryview:
+    """The raw C-order bytes of a tensor (moved to the CPU and made contiguous first, copied only if needed)."""
     flat = tensor.detach().to("cpu").contiguous().reshape(-1)
-    return flat.view(torch.uint8).numpy().tobytes()
+    return memoryview(flat.view(torch.uint8).numpy())
 
 
 def tensor_from_bytes(data: bytes | memoryview, dtype: torch.dtype, shape: tuple[int, ...], name: str) -> torch.Tensor:

@@ -16,13 +16,13 @@ from ..network import ReconstructedNetwork
 from .atomic import atomic_path
 from .digest import check_digest, tensor_data_digest, tensor_digest
 from .graph_text import canonical_graph, parse_json
-from .schema import check_format_version
+from .schema import FORMAT_VERSION, check_format_version
 from .spec import network_from_spec, network_to_spec
 from .tensor_data import DTYPE_CODES, DTYPES_BY_CODE, tensor_bytes, tensor_from_bytes
 from .validation import check_shape
 
 MAGIC = b"VNMODEL\0"
-VERSION = 2
+VERSION = FORMAT_VERSION  # the container and the graph spec share one version number
 ALIGNMENT = 64
 # magic, version, model_id, base height, base width, graph spec length, tensor table length, file length
 _HEADER = struct.Struct("<8sIIIIQQQ")
