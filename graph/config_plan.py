@@ -1,10 +1,11 @@
 """Keep a pruning plan to what the Hugging Face configs inside the model can hold: "prune and give me my model back".
 
-A config holds a pruned size only where one of its fields counts it, alike in every layer it describes. Many
-channel groups have no such field: the value projection's channels inside a head (no field counts them), heads of
-a model that derives its head size from the hidden size (GPT-2, BERT, GPT-NeoX's fused qkv), an MLP width fixed as a
-multiple of the hidden size (ConvNeXt). :func:`config_expressible_plan` keeps the groups that can be written back
-with ``save_pretrained`` / ``from_pretrained`` round-tripping and leaves out the others, saying why.
+A config holds a pruned size only where its fields count it, alike in every layer they describe. Many channel
+groups have no such field: the value projection's channels inside a head, heads of a model that derives its head
+size from the hidden size (GPT-2, BERT, Falcon's per-head interleaved qkv rows), an MLP width fixed at four times
+the hidden size when the hidden size stays (Falcon). Others fit only together: a stage's residual width and its MLP,
+both scaled by ``hidden_sizes[i]`` (ConvNeXt). :func:`config_expressible_plan` keeps the groups that can be written
+back with ``save_pretrained`` / ``from_pretrained`` round-tripping and leaves out the others, saying why.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from .dependency import ChannelGroup
 from .errors import PruningError
 from .modules import ParameterNode
 from .pruning import _removed_mask, dependency_graph
-from .write_back import _node_sources, _submodule, _within, apply_plan
+from .write_back import apply_plan, model_submodule, named_tensors, node_sources, within
 
 _LAYER_INDEX = re.compile(r"(?<=\.)\d+(?=\.|$)")
 
@@ -71,7 +72,7 @@ def config_expressible_plan(model: nn.Module, rnet, plan: Mapping[Any, Iterable[
     by_id = {g.id: g for g in graph.groups}
     requested = {by_id[key.id if isinstance(key, ChannelGroup) else key]: list(indices)
                  for key, indices in plan.items()}
-    fit = _PlanFit(_Tensors(model, _submodule(model, root), rnet, root), graph)
+    fit = _PlanFit(_Tensors(model, model_submodule(model, root), rnet, root), graph)
     units: list[dict[ChannelGroup, list[int]]] = []
     excluded: dict[ChannelGroup, str] = {}
     fields: list[tuple[list[ChannelGroup], set]] = []
@@ -211,8 +212,8 @@ class _Tensors:
 
     def __init__(self, model: nn.Module, sub: nn.Module, rnet, root: str):
         graph = dependency_graph(rnet)
-        named = {**dict(sub.named_parameters(remove_duplicate=False)), **dict(sub.named_buffers(remove_duplicate=False))}
-        sources = {node.name: (path, module) for node, path, module in _node_sources(sub, rnet)}
+        named = named_tensors(sub)
+        sources = {node.name: (path, module) for node, path, module in node_sources(sub, rnet)}
         prefix = f"{root}." if root else ""
         self.paths: dict[tuple[str, str], str] = {}
         self.member_tensors: list[tuple[Any, Any]] = []
@@ -225,12 +226,12 @@ class _Tensors:
                 self.member_tensors.append((member, named[path]))
         self.owners: dict[str, nn.Module] = {}
         for name, module in model.named_modules():
-            if is_pretrained_model(module) and not any(_within(name, owner) for owner in self.owners):
+            if is_pretrained_model(module) and not any(within(name, owner) for owner in self.owners):
                 self.owners[name] = module
         refitted = {id(c) for module in self.owners.values() for c in sub_configs(module.config)}
         self.stale = {name: module for name, module in model.named_modules()
                       if is_config(getattr(module, "config", None)) and id(module.config) not in refitted
-                      and not any(_within(name, owner) for owner in self.owners)}
+                      and not any(within(name, owner) for owner in self.owners)}
 
     def shrunk(self, graph, plan: dict) -> dict[int, dict[int, int]]:
         """``id`` of each model tensor the plan shrinks -> ``{dim: new size}``."""
@@ -247,7 +248,7 @@ class _Tensors:
         holds a config apply_plan cannot refit; else ``None``."""
         paths = {self.paths.get((m.node, m.tensor)) for g in kind for m in g.members} - {None}
         for holder, module in self.stale.items():
-            if any(_within(path, holder) for path in paths):
+            if any(within(path, holder) for path in paths):
                 return (f"{holder or 'the model'} ({type(module).__name__}) holds a {type(module.config).__name__} "
                         "that apply_plan cannot refit")
         return None

@@ -89,7 +89,7 @@ def write_back(model: nn.Module, rnet, pruned, root: str = "", inputs: tuple[tup
     ``from_pretrained`` cannot rebuild it from its unchanged config: save it with ``torch.save``.
     """
     top = copy.deepcopy(model)
-    sub = _submodule(top, root)
+    sub = model_submodule(top, root)
     new_tensors = _pruned_tensors(sub, pruned)
     changes = SizeChanges(_old_dims(top, new_tensors), _rewritten_constants(rnet, pruned, root))
     _replace_tensors(top, new_tensors)
@@ -120,7 +120,7 @@ def _rewrite_sizes(top: nn.Module, changes: SizeChanges, fit_config: bool) -> No
     refitted: set[int] = set()
     for name, module in top.named_modules() if fit_config else ():
         rewriter = _own_rewriter(module)
-        if rewriter is None or any(_within(name, owner) for owner in claimed):
+        if rewriter is None or any(within(name, owner) for owner in claimed):
             continue
         claimed.append(name)
         relative = _relative(changes, name)
@@ -129,13 +129,14 @@ def _rewrite_sizes(top: nn.Module, changes: SizeChanges, fit_config: bool) -> No
             refitted.update(id(config) for config in _configs_of(module))
     for name, module in top.named_modules() if fit_config else ():
         config = getattr(module, "config", None)
-        if is_config(config) and id(config) not in refitted and not any(_within(name, owner) for owner in claimed) \
+        if is_config(config) and id(config) not in refitted and not any(within(name, owner) for owner in claimed) \
                 and any(old != new for old, new in changes.dims.get(name, ())):
             raise PruningError(f"{name or 'the model'} ({type(module).__name__}) holds a {type(config).__name__} that "
                                "apply_plan cannot refit (it refits the configs of Hugging Face PreTrainedModels), so "
-                               "it would no longer describe the pruned sizes; pass fit_config=False to keep it as it is")
+                               "it would no longer describe the pruned sizes; pass fit_config=False to keep it as it "
+                               "is")
     rest = SizeChanges({path: dims for path, dims in changes.dims.items()
-                        if not any(_within(path, owner) for owner in claimed)}, changes.constants)
+                        if not any(within(path, owner) for owner in claimed)}, changes.constants)
     _rewrite_by_width(top, rest)
 
 
@@ -145,7 +146,8 @@ def _own_rewriter(module: nn.Module) -> Callable[[nn.Module, SizeChanges], None]
                  if cls.__name__ in SIZE_REWRITERS and cls is not nn.Module), None)
 
 
-def _within(path: str, owner: str) -> bool:
+def within(path: str, owner: str) -> bool:
+    """True when module path ``path`` is ``owner`` or inside it (every path is inside the root, ``""``)."""
     return owner == "" or path == owner or path.startswith(owner + ".")
 
 
@@ -153,8 +155,8 @@ def _relative(changes: SizeChanges, owner: str) -> SizeChanges:
     """``changes`` of the subtree at ``owner``, keyed by paths relative to it."""
     def strip(path: str) -> str:
         return path[len(owner) + 1:] if owner and path != owner else ("" if path == owner else path)
-    return SizeChanges({strip(p): d for p, d in changes.dims.items() if _within(p, owner)},
-                       {strip(p): c for p, c in changes.constants.items() if _within(p, owner)})
+    return SizeChanges({strip(p): d for p, d in changes.dims.items() if within(p, owner)},
+                       {strip(p): c for p, c in changes.constants.items() if within(p, owner)})
 
 
 def _configs_of(module: nn.Module) -> list:
@@ -191,7 +193,8 @@ def _int_pairs(before: Any, after: Any) -> Iterator[tuple[int, int]]:
             yield from _int_pairs(before[key], after[key])
 
 
-def _submodule(top: nn.Module, root: str) -> nn.Module:
+def model_submodule(top: nn.Module, root: str) -> nn.Module:
+    """``top.get_submodule(root)``, or a :class:`PruningError` saying the model has no such sub-module."""
     try:
         return top.get_submodule(root)
     except AttributeError:
@@ -206,10 +209,17 @@ def _model_path(name: str, table: dict[str, Any]) -> str | None:
     return match.group(1) if match and match.group(1) in table else None
 
 
-def _node_sources(sub: nn.Module, pruned) -> Iterator[tuple[Any, str, nn.Module]]:
-    """``(node, model path, node module)`` for every leaf-module and parameter node of ``pruned``."""
+def named_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter and buffer of ``module`` by path, each tied tensor under all of its names."""
+    return {**dict(module.named_parameters(remove_duplicate=False)),
+            **dict(module.named_buffers(remove_duplicate=False))}
+
+
+def node_sources(sub: nn.Module, pruned) -> Iterator[tuple[Any, str, nn.Module]]:
+    """``(node, model path, node module)`` for every leaf-module and parameter node of ``pruned`` (a network
+    captured from ``sub``, pruned or not); :class:`PruningError` for a node that names nothing in ``sub``."""
     modules = dict(sub.named_modules(remove_duplicate=False))
-    tensors = {**dict(sub.named_parameters(remove_duplicate=False)), **dict(sub.named_buffers(remove_duplicate=False))}
+    tensors = named_tensors(sub)
     for node in pruned.graph_nodes:
         if node.key is None or node.op == "constant":
             continue
@@ -227,9 +237,9 @@ def _node_sources(sub: nn.Module, pruned) -> Iterator[tuple[Any, str, nn.Module]
 
 def _pruned_tensors(sub: nn.Module, pruned) -> dict[int, torch.Tensor]:
     """``id`` of each of the copy's tensors whose shape pruning changed -> its pruned replacement."""
-    tensors = {**dict(sub.named_parameters(remove_duplicate=False)), **dict(sub.named_buffers(remove_duplicate=False))}
+    tensors = named_tensors(sub)
     new: dict[int, torch.Tensor] = {}
-    for node, path, module in _node_sources(sub, pruned):
+    for node, path, module in node_sources(sub, pruned):
         if isinstance(module, ParameterNode):
             pairs = [(path, module.value)]
         else:
@@ -328,7 +338,7 @@ def _verify(sub: nn.Module, pruned, inputs: tuple[tuple, dict], rtol: float) -> 
     raise naming the module to blame: the first leaf (in forward order) whose output differs, if its inputs agree,
     else the module that computed its inputs."""
     args, kwargs = inputs
-    sources = {node.name: path for node, path, module in _node_sources(sub, pruned)
+    sources = {node.name: path for node, path, module in node_sources(sub, pruned)
                if not isinstance(module, ParameterNode)}
     expected: list[tuple[Any, str, tuple, Any]] = []
     calls, running, handles = _record_calls(sub)

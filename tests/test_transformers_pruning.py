@@ -171,3 +171,40 @@ def test_residual_hidden_size_is_a_group_pruned_only_when_named(family):
         out = pruned(*args, **kwargs).logits
     assert out.shape == model(*args, **kwargs).logits.shape and torch.isfinite(out).all()
     assert pruned.module_of(pruned.node(embedding)).weight.shape[1] == HIDDEN - HIDDEN // 4
+
+
+# Per family, the config fields a 50% plan of every default group sets, derived by hand from the config: GPT-2 and
+# BERT derive their head size from the hidden size, so no config holds their pruned heads (left out); ViT's residual
+# width is its hidden_size (head_dim pinned, so the heads keep their size).
+CONFIG_AFTER_HALF = {
+    "gpt2": {"n_inner": INTERMEDIATE // 2, "n_head": HEADS},
+    "bert": {"intermediate_size": INTERMEDIATE // 2, "num_attention_heads": HEADS},
+    "llama": {"intermediate_size": INTERMEDIATE // 2, "num_attention_heads": HEADS // 2, "num_key_value_heads": 2},
+    "qwen2": {"intermediate_size": INTERMEDIATE // 2, "num_attention_heads": HEADS // 2, "num_key_value_heads": 1},
+    "qwen3": {"intermediate_size": INTERMEDIATE // 2, "num_attention_heads": HEADS // 2, "num_key_value_heads": 1},
+    "vit": {"intermediate_size": INTERMEDIATE // 2, "num_attention_heads": HEADS // 2, "hidden_size": HIDDEN // 2},
+}
+
+
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_config_expressible_plan_keeps_what_each_family_config_holds_and_the_copy_reloads(family, tmp_path):
+    from graph.config_plan import config_expressible_plan
+    from graph.pruning import plan_by_ratio
+    from graph.write_back import apply_plan
+
+    model = FAMILIES[family]("eager")
+    args, kwargs = _inputs(family)
+    rnet = capture(model, *args, **kwargs)
+    requested = plan_by_ratio(rnet, 0.5)
+    plan = config_expressible_plan(model, rnet, requested, inputs=(args, kwargs))
+    heads = {g for g in requested if g.size == KV_HEADS.get(family, HEADS)}
+    left_out = heads if family in ("gpt2", "bert") else set()
+    assert len(heads) == LAYERS and set(plan.excluded) == left_out and set(plan) == set(requested) - left_out
+    assert all(f"{type(model.config).__name__} cannot hold" in reason for reason in plan.excluded.values())
+    pruned = apply_plan(model, rnet, plan, inputs=(args, kwargs))
+    assert {field: getattr(pruned.config, field) for field in CONFIG_AFTER_HALF[family]} == CONFIG_AFTER_HALF[family]
+    pruned.save_pretrained(tmp_path)
+    loaded = type(model).from_pretrained(tmp_path, attn_implementation="eager").eval()
+    with torch.no_grad():
+        expected = _output(rnet.prune_channels(plan)(*args, **kwargs))
+        assert ((_output(loaded(*args, **kwargs)) - expected).abs().max() / expected.abs().max()).item() <= 1e-5
