@@ -17,7 +17,7 @@ from graph.errors import GraphError
 
 
 SAVED_SUFFIXES = (".pkl", ".pt", ".json", ".vnmodel")
-COMMAND_MODULES: tuple[str, ...] = ("amc.compress_command", "amc.finetune_command")
+COMMAND_MODULES: tuple[str, ...] = ("amc.compress_command", "amc.finetune_command", "amc.search_command")
 
 
 def load_network(model: str, input_size: tuple[int, ...]):

@@ -216,7 +216,7 @@ def test_a_stopped_search_resumes_to_the_same_history_as_an_uninterrupted_one(tm
 def test_masked_reward_equals_the_accuracy_of_the_pruned_network():
     model, data = _digits_model()
     search = DDPGTuner(model, data.train, data.val, flops_target=0.5, episodes=3, warmup=3, round_to=4,
-                       heldout_images=300, calibration_images=128)
+                       heldout_images=300, calibration_images=128, evaluation="masked")
     result = search.search()
     assert result.accuracy == pytest.approx(result.best.accuracy, abs=1e-9)
     assert not math.isclose(result.macs_ratio, 1.0)
@@ -228,3 +228,71 @@ def test_unknown_compressor_names_the_choices():
     from compressors.channel_pruning import ChannelPruning
 
     assert action_class(ChannelPruning) is action_class("channel-pruning")
+
+
+def test_latency_table_times_layers_of_the_shapes_the_pruned_network_has():
+    from compressors.tuners.latency import resized_layer
+
+    rnet, action, _ = _wall_setup("mobilenet-v2-small", 8)
+    rng = np.random.default_rng(0)
+    keeps = [int(rng.choice(unit.keeps)) for unit in action.units]
+    pruned = prune_channels(rnet, action.plan(keeps))
+    for node in rnet.graph_nodes:
+        module = rnet.module_of(node) if node.key else None
+        if isinstance(module, nn.Conv2d):
+            small = pruned.module_of(pruned.node(node.name))
+            rebuilt = resized_layer(module, small.in_channels, small.out_channels)
+            assert rebuilt.weight.shape == small.weight.shape and rebuilt.groups == small.groups
+
+
+def test_latency_budget_search_keeps_the_measured_latency_model_within_the_target(tmp_path):
+    model, data = _digits_model()
+    # 8x8 digits: per-op overhead dominates, so even the smallest channel counts keep most of the latency
+    search = GATuner(model, data.train, data.val, latency_target=0.97, episodes=4, population=2, round_to=16,
+                     heldout_images=64, calibration_images=32, checkpointfolder=tmp_path)
+    result = search.search()
+    assert result.budget == "latency" and result.cost_ratio <= 0.97 + 1e-9
+    assert search.model.cost([u.lowest for u in search.units]) < search.model.full
+    assert (tmp_path / "latency_table.json").exists()
+
+
+def test_accuracy_first_returns_the_smallest_budget_within_the_threshold():
+    from compressors.tuners.accuracy_first import accuracy_first_search
+
+    model, data = _digits_model()
+    result = accuracy_first_search(GATuner, model, data.train, data.val, accuracy_threshold=0.05, steps=3,
+                                   episodes=4, population=2, round_to=4, heldout_images=128,
+                                   calibration_images=64)
+    tried = result.extra["accuracy_first"]["tried"]
+    assert result.accuracy >= result.original_accuracy - 0.05
+    kept = [target for target, accuracy in tried if accuracy >= result.original_accuracy - 0.05]
+    assert result.macs_ratio <= min(kept) + 1e-9
+    assert all(accuracy < result.original_accuracy - 0.05 for target, accuracy in tried if target < min(kept))
+
+
+def test_iterate_compresses_fine_tunes_and_compresses_again_to_a_fraction_of_the_original():
+    from compressors.tuners.iterate import iterate
+
+    model, data = _digits_model()
+    original = count_flops(capture(model, torch.randn(2, 1, 8, 8))).total_macs
+    results = iterate(GATuner, model, data.train, data.val, [0.7, 0.45], finetune_epochs=1, episodes=2,
+                      population=2, round_to=4, heldout_images=64, calibration_images=64)
+    assert count_flops(results[0].compressed_net).total_macs <= 0.7 * original
+    final = results[-1].compressed_net
+    assert count_flops(final).total_macs <= 0.45 * original
+    assert top1_accuracy(final, data.val) > results[-1].accuracy - 0.02  # fine-tuned after the last search
+
+
+def test_amc_search_command_saves_a_network_within_the_budget(tmp_path, capsys):
+    from amc.cli import main
+    from graph import load
+
+    output = tmp_path / "searched.pkl"
+    assert main(["search", "--tuner", "ga", "--episodes", "4", "--population", "2", "--train-epochs", "1",
+                 "--heldout-images", "100", "--calibration-images", "64", "--flops-target", "0.5",
+                 "-o", str(output)]) == 0
+    printed = capsys.readouterr().out
+    assert "held-out top-1" in printed and "MACs" in printed
+    saved = load(str(output))
+    original = capture(build_model("residual-concat", 1, 10).eval(), torch.randn(1, 1, 8, 8))
+    assert count_flops(saved).total_macs <= 0.5 * count_flops(original).total_macs

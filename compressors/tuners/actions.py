@@ -20,6 +20,9 @@ from graph.pruning import prune_channels
 from .evaluation import PolicyEvaluator
 from .units import Unit, channel_units
 
+EVALUATIONS = ("pruned", "masked")
+"""How rewards are measured: on the physically compressed network (fewer MACs to run: the faster on CPU), or on
+a same-size copy of the original masked in place (no network built per policy)."""
 ACTIONS: dict[str, type["ActionAdapter"]] = {}
 COMPRESSOR_ACTIONS: dict[str, type["ActionAdapter"]] = {}
 
@@ -56,8 +59,10 @@ class ActionAdapter:
     network the evaluator caches prefixes of (the one :meth:`accuracy` changes in place, if any)."""
 
     def __init__(self, rnet, trainloader=None, *, lbound: float = 0.2, round_to: int | None = None,
-                 ignore: Sequence[str] = (), device: torch.device | None = None):
-        self.rnet, self.trainloader, self.device = rnet, trainloader, device
+                 ignore: Sequence[str] = (), device: torch.device | None = None, evaluation: str = "pruned"):
+        if evaluation not in EVALUATIONS:
+            raise CompressionError(f"evaluation must be one of {EVALUATIONS}, got {evaluation!r}")
+        self.rnet, self.trainloader, self.device, self.evaluation = rnet, trainloader, device, evaluation
         self.reference = rnet
         self.units: list[Unit] = []
 
@@ -74,9 +79,14 @@ class ActionAdapter:
         """Index of the first node whose weights the policy changes (``len(graph_nodes)`` when none)."""
         raise NotImplementedError
 
+    def unchanged_until(self, keeps: Sequence[int]) -> int:
+        """Index of the first node the compressed network does not share unchanged with ``rnet`` (0 by default)."""
+        return 0
+
     def accuracy(self, keeps: Sequence[int], evaluator: PolicyEvaluator) -> float:
-        """Held-out accuracy of the policy (the compressed network, BatchNorms re-estimated from the first change)."""
-        return evaluator.accuracy(self.first_changed(keeps), self.compress(keeps))
+        """Held-out accuracy of the policy: the compressed network, BatchNorms re-estimated from the first change,
+        run from the first node it does not share with ``rnet``."""
+        return evaluator.accuracy(self.first_changed(keeps), self.compress(keeps), self.unchanged_until(keeps))
 
 
 class ChannelAction(ActionAdapter):
@@ -85,12 +95,19 @@ class ChannelAction(ActionAdapter):
     first node that reads a pruned group."""
 
     def __init__(self, rnet, trainloader=None, *, lbound: float = 0.2, round_to: int | None = None,
-                 ignore: Sequence[str] = (), device: torch.device | None = None):
-        super().__init__(rnet, trainloader, lbound=lbound, round_to=round_to, ignore=ignore, device=device)
+                 ignore: Sequence[str] = (), device: torch.device | None = None, evaluation: str = "pruned"):
+        super().__init__(rnet, trainloader, lbound=lbound, round_to=round_to, ignore=ignore, device=device,
+                         evaluation=evaluation)
         self.units = channel_units(rnet, lbound, round_to, ignore)
         positions = {node.name: index for index, node in enumerate(rnet.graph_nodes)}
         self.consumers = [min((positions[m.node] for m in unit.key.members if m.role == "in"),
                               default=len(rnet.graph_nodes)) for unit in self.units]
+        self.members = [min(positions[m.node] for m in unit.key.members) for unit in self.units]
+
+    def unchanged_until(self, keeps: Sequence[int]) -> int:
+        self._check(keeps)
+        return min((self.members[i] for i, (unit, keep) in enumerate(zip(self.units, keeps)) if keep < unit.size),
+                   default=len(self.rnet.graph_nodes))
 
     def skeleton(self, keeps: Sequence[int]):
         self._check(keeps)
@@ -113,19 +130,20 @@ class ChannelAction(ActionAdapter):
 @registers_action("l2", "channel-l2", "magnitude")
 class L2ChannelAction(ChannelAction):
     """Channel pruning that keeps each group's channels of largest L2 norm (``graph.importance``, summed over the
-    group's members). Rewards are measured on a working copy masked in place (exact for channel-wise groups, and
-    only the changed suffix runs); networks with an inexact group (a norm over channels) are measured pruned."""
+    group's members). With ``evaluation="masked"`` rewards are measured on a working copy masked in place (exact for
+    channel-wise groups; a network with an inexact group, a norm over channels, is measured pruned instead)."""
 
     def __init__(self, rnet, trainloader=None, *, lbound: float = 0.2, round_to: int | None = None,
-                 ignore: Sequence[str] = (), device: torch.device | None = None):
-        super().__init__(rnet, trainloader, lbound=lbound, round_to=round_to, ignore=ignore, device=device)
+                 ignore: Sequence[str] = (), device: torch.device | None = None, evaluation: str = "pruned"):
+        super().__init__(rnet, trainloader, lbound=lbound, round_to=round_to, ignore=ignore, device=device,
+                         evaluation=evaluation)
         reduced: dict = {}
         self.order = [np.argsort(group_importance(rnet, unit.key, "l2", reduced), kind="stable")
                       for unit in self.units]
-        self.exact = all(unit.key.exact for unit in self.units)
-        self.work = copy.deepcopy(rnet)
-        self.saved = self._snapshot()
-        if self.exact:
+        self.masked = evaluation == "masked" and all(unit.key.exact for unit in self.units)
+        if self.masked:
+            self.work = copy.deepcopy(rnet)
+            self.saved = self._snapshot()
             self.reference = self.work
 
     def plan(self, keeps: Sequence[int]) -> dict:
@@ -138,7 +156,7 @@ class L2ChannelAction(ChannelAction):
         return prune_channels(self.rnet, self.plan(keeps))
 
     def accuracy(self, keeps: Sequence[int], evaluator: PolicyEvaluator) -> float:
-        if not self.exact:
+        if not self.masked:
             return super().accuracy(keeps, evaluator)
         self._restore()
         plan = self.plan(keeps)
@@ -183,7 +201,10 @@ class LassoChannelAction(ChannelAction):
     re-estimation is the evaluator's, as for every action."""
 
     def __init__(self, rnet, trainloader=None, *, lbound: float = 0.2, round_to: int | None = None,
-                 ignore: Sequence[str] = (), device: torch.device | None = None):
+                 ignore: Sequence[str] = (), device: torch.device | None = None, evaluation: str = "pruned"):
+        if evaluation != "pruned":
+            raise CompressionError("the channel-pruning action refits weights: its rewards can only be measured on "
+                                   "the pruned network (evaluation='pruned')")
         super().__init__(rnet, trainloader, lbound=lbound, round_to=round_to, ignore=ignore, device=device)
         if trainloader is None:
             raise CompressionError("the channel-pruning action needs calibration data (a trainloader)")

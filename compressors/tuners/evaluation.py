@@ -167,13 +167,16 @@ class PolicyEvaluator:
         if self.calibration is not None:
             self.calibration.entry(start)
 
-    def accuracy(self, start: int, network: nn.Module | None = None) -> float:
-        """Top-1 accuracy on the held-out batches of ``network`` (default: ``rnet`` as it is now, run from the cached
-        prefix; another network, such as the physically pruned one, runs whole), whose first changed node is
-        ``start``. The BatchNorms from ``start`` on are first re-estimated on the calibration batch when one was
-        given; the earlier ones keep their trained statistics, since their inputs did not change."""
+    def accuracy(self, start: int, network: nn.Module | None = None, run_from: int | None = None) -> float:
+        """Top-1 accuracy on the held-out batches of ``network`` (default: ``rnet`` as it is now), whose weights
+        differ from ``rnet``'s from node ``start`` on and whose nodes before ``run_from`` (default: ``start`` for
+        ``rnet`` itself, 0 for another network) are identical to ``rnet``'s: only the nodes from ``run_from`` on
+        run, from the cached prefix. The BatchNorms from ``start`` on are first re-estimated on the calibration
+        batch when one was given; the earlier ones keep their trained statistics, since their inputs did not
+        change."""
         network = self.rnet if network is None else network
-        run_from = start if network is self.rnet else 0
+        if run_from is None:
+            run_from = start if network is self.rnet else 0
         if self.calibration is not None:
             self._recalibrate(network, start, run_from)
         suffix, values = self._program(self.heldout, network, run_from)

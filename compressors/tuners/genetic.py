@@ -40,7 +40,8 @@ class GeneticAlgorithm:
         if population < 2:
             raise CompressionError(f"population must be at least 2, got {population}")
         if not 0 <= self.config.elite < population:
-            raise CompressionError(f"elite must be in [0, population), got {self.config.elite}")
+            raise CompressionError(f"elite must be in [0, population), got {self.config.elite} for a population of "
+                                   f"{population}")
         self.genes, self.low, self.high, self.population, self.rng = genes, low, high, population, rng
 
     def initial(self) -> np.ndarray:
@@ -100,10 +101,11 @@ class GATuner(SearchTuner):
     def __init__(self, origin_net, trainloader, valloader, flops_target: float = 0.5, compressor: Any = "l2",
                  episodes: int = 300, seed: int = 0, checkpointfolder=None, device=None, verbose: bool = False,
                  population: int = 20, generations: int | None = None, **options: Any):
-        names = set(GAConfig.__dataclass_fields__)
-        config = GAConfig(**{key: options.pop(key) for key in list(options) if key in names})
         if isinstance(population, bool) or not isinstance(population, int) or population < 2:
             raise CompressionError(f"population must be an integer of at least 2, got {population!r}")
+        names = set(GAConfig.__dataclass_fields__)
+        chosen = {key: options.pop(key) for key in list(options) if key in names}
+        config = GAConfig(**{"elite": min(GAConfig.elite, population - 1), **chosen})
         if generations is None:
             generations = max(1, math.ceil(episodes / population))
         if isinstance(generations, bool) or not isinstance(generations, int) or generations < 1:

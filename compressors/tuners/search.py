@@ -75,7 +75,7 @@ class SearchResult:
         return "\n".join(rows)
 
 
-def _example_inputs(loader: DataLoader) -> Any:
+def example_inputs(loader: DataLoader) -> Any:
     """Two examples of the loader's first batch (capture needs sizes of at least 2 to replay at any batch)."""
     for batch in loader:
         inputs = batch_inputs(batch)
@@ -96,7 +96,9 @@ class SearchTuner:
     ``"channel-pruning"``, see :data:`compressors.tuners.actions.ACTIONS`), a compressor class or an adapter class.
     ``episodes``: policies to try. ``checkpointfolder``: where the resumable state, tensorboardX curves and the
     result go. ``round_to``: channel counts kept at multiples of it; ``lbound``: the lowest preserve ratio;
-    ``reward``: ``"accuracy"`` or ``"error-log-macs"``; ``ignore``: node names whose groups stay whole.
+    ``reward``: ``"accuracy"`` or ``"error-log-macs"``; ``ignore``: node names whose groups stay whole;
+    ``evaluation``: ``"pruned"`` (rewards on the physically compressed network, the faster on CPU) or ``"masked"``
+    (on a copy of the original masked in place; channel actions only).
     """
 
     name = "search"
@@ -106,7 +108,8 @@ class SearchTuner:
                  checkpointfolder: str | os.PathLike | None = None, device: torch.device | str | None = None,
                  verbose: bool = False, *, latency_target: float | None = None, round_to: int | None = None,
                  lbound: float = 0.2, reward: str = "accuracy", heldout_images: int = 500,
-                 calibration_images: int = 256, ignore: Sequence[str] = (), latency_backend: str = "torch"):
+                 calibration_images: int = 256, ignore: Sequence[str] = (), latency_backend: str = "torch",
+                 evaluation: str = "pruned"):
         if trainloader is None or valloader is None:
             raise CompressionError("the search needs a trainloader (calibration) and a valloader (the held-out split "
                                    "of the training data the reward is measured on)")
@@ -128,14 +131,15 @@ class SearchTuner:
         self.compressor, self.round_to, self.lbound, self.ignore = compressor, round_to, lbound, tuple(ignore)
         self.latency_backend = latency_backend
         self.heldout_images, self.calibration_images = heldout_images, calibration_images
-        self.rnet = as_network(origin_net, _example_inputs(trainloader))
+        self.rnet = as_network(origin_net, example_inputs(trainloader))
         if self.device is not None:
             self.rnet.to(self.device)
         self.rnet.eval()
         calibration = [inputs for inputs, _ in first_batches(trainloader, max(calibration_images, 1), self.device,
                                                              labelled=False)]
         self.action = action_class(compressor)(self.rnet, [(inputs,) for inputs in calibration], lbound=lbound,
-                                               round_to=round_to, ignore=self.ignore, device=self.device)
+                                               round_to=round_to, ignore=self.ignore, device=self.device,
+                                               evaluation=evaluation)
         self.units = self.action.units
         self.model = self._cost_model()
         self.wall = ActionWall(self.model, self.target * self.model.full)
@@ -258,7 +262,8 @@ class SearchTuner:
             raise CompressionError("no episode has run yet")
         keeps = self.best.keeps
         network = self.action.compress(keeps)
-        accuracy = self.evaluator.accuracy(self.action.first_changed(keeps), network)
+        accuracy = self.evaluator.accuracy(self.action.first_changed(keeps), network,
+                                           self.action.unchanged_until(keeps))
         macs = count_flops(network).total_macs
         names = [unit.name for unit in self.units]
         result = SearchResult(
