@@ -47,7 +47,8 @@ def check_digest(part: str, stored: object, computed: str) -> None:
 
 def check_tensor_names(stored: set[str], digested: set[str]) -> None:
     """Refuse a file whose tensors and tensor digests do not name the same tensors."""
-    for name in sorted(stored - digested)[:1]:
-        raise FileFormatError(f"tensor {name!r} has no digest (the file is corrupted)")
-    for name in sorted(digested - stored)[:1]:
-        raise FileFormatError(f"tensor {name!r} has a digest but no data (the file is corrupted)")
+    undigested, unstored = sorted(stored - digested), sorted(digested - stored)
+    if undigested:
+        raise FileFormatError(f"tensor {undigested[0]!r} has no digest (the file is corrupted)")
+    if unstored:
+        raise FileFormatError(f"tensor {unstored[0]!r} has a digest but no data (the file is corrupted)")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import os
+import warnings
 from typing import Any
 
 import torch
@@ -75,7 +76,9 @@ def read_pkl(content: bytes) -> ReconstructedNetwork:
 
 def _unpickle(content: bytes) -> Any:
     try:
-        return torch.load(io.BytesIO(content), map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # a damaged file makes torch warn about its pickle protocol, then fail
+            warnings.simplefilter("ignore")
+            return torch.load(io.BytesIO(content), map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001 - the unpickler and zip reader raise anything on a damaged file
         message = str(error).splitlines()[0] if str(error) else type(error).__name__
         if "weights_only" in str(error).lower() or "unsupported global" in str(error).lower():

@@ -195,8 +195,9 @@ def _assign_tensors(network: ReconstructedNetwork, roles: dict[str, dict], tenso
     owners = {node.key: node.name for node in network.graph_nodes}
     assigned: dict[str, torch.Tensor] = {}
     stored = {name for name, entry in roles.items() if "same_as" not in entry}
-    for name in sorted(tensors.keys() - stored)[:1]:
-        raise FileFormatError(f"tensor {name!r} is stored but the graph spec does not list it")
+    unlisted = sorted(tensors.keys() - stored)
+    if unlisted:
+        raise FileFormatError(f"tensor {unlisted[0]!r} is stored but the graph spec does not list it")
     for name, entry in roles.items():
         role = entry["role"]
         if role == "template":
