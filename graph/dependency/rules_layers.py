@@ -173,7 +173,7 @@ def _head_rows(head_ids: np.ndarray, head_dim: int, copies: int) -> np.ndarray:
 
 
 _MHA_EXPLICIT = ("pruning makes this nn.MultiheadAttention a PrunedMultiheadAttention (inner width other than "
-                 "embed_dim), which the savers cannot store yet: pruned only when a plan names this group")
+                 "embed_dim): pruned only when a plan names this group")
 
 
 @channel_rule("MultiheadAttention")
