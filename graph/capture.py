@@ -12,6 +12,7 @@ import inspect
 import os
 import sys
 from collections import Counter
+from functools import lru_cache
 from typing import Any, Iterator
 
 import torch
@@ -58,7 +59,13 @@ def source_line() -> str | None:
 
 
 def _short_path(filename: str) -> str:
-    for root in sorted((p for p in sys.path if p), key=len, reverse=True):
+    return _path_below(filename, tuple(sys.path))
+
+
+@lru_cache(maxsize=4096)
+def _path_below(filename: str, search_path: tuple[str, ...]) -> str:
+    """``filename`` relative to the longest entry of ``search_path`` holding it (cached: every node asks)."""
+    for root in sorted((p for p in search_path if p), key=len, reverse=True):
         if filename.startswith(root + os.sep):
             return os.path.relpath(filename, root)
     return filename

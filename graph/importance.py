@@ -35,10 +35,9 @@ def _power_sums(tensor: torch.Tensor, power: int, dims: list[int]) -> torch.Tens
         return tensor.abs() ** power
     if min(dims) > 0:
         return torch.linalg.vector_norm(tensor, ord=power, dim=dims) ** power
-    total = tensor.new_zeros([size for dim, size in enumerate(tensor.shape) if dim not in dims])
-    for chunk in tensor.split(max(1, _CHUNK_ELEMENTS * tensor.shape[0] // max(1, tensor.numel()))):
-        total += (chunk.square() if power == 2 else chunk.abs() ** power).sum(dim=dims)
-    return total
+    parts = [(chunk.square() if power == 2 else chunk.abs() ** power).sum(dim=dims)
+             for chunk in tensor.split(max(1, _CHUNK_ELEMENTS * tensor.shape[0] // max(1, tensor.numel())))]
+    return parts[0] if len(parts) == 1 else torch.stack(parts).sum(dim=0)
 
 
 IMPORTANCES: dict[str, Callable] = {
