@@ -540,7 +540,22 @@ def _trace_other_mode(model: nn.Module, training: bool, inputs: tuple[tuple, dic
 
 
 def _trace_copy(model: nn.Module, training: bool, example_inputs: tuple, example_kwargs: dict) -> Tracer:
-    """Trace a deep copy of ``model`` in the given mode; its buffers end as the model's (the forward may update them)."""
+    """Trace a deep copy of ``model`` in the given mode; its buffers end as the model's (the forward may update them).
+
+    The forward runs with grad enabled whatever the caller's grad mode (people capture under ``torch.no_grad()``),
+    so exactly the regions where the forward itself turns grad off replay under ``no_grad``. A forward that cannot
+    run with grad (it updates a parameter in place) is traced in the caller's mode instead.
+    """
+    if torch.is_grad_enabled():
+        return _trace_copy_as_is(model, training, example_inputs, example_kwargs)
+    try:
+        with torch.enable_grad():
+            return _trace_copy_as_is(model, training, example_inputs, example_kwargs)
+    except RuntimeError:
+        return _trace_copy_as_is(model, training, example_inputs, example_kwargs)
+
+
+def _trace_copy_as_is(model: nn.Module, training: bool, example_inputs: tuple, example_kwargs: dict) -> Tracer:
     working = deepcopy_module(model).train(training)
     tracer = Tracer(working).start()
     try:
