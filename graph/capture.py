@@ -492,8 +492,12 @@ def capture(model: nn.Module, *example_inputs: Any, **example_kwargs: Any):
     The model is deep-copied first, so it is never modified (not even BatchNorm statistics in train mode), and the
     network starts from the model's state: buffers the example forward updated are reset to the model's. The
     network starts in the model's mode and replays in both: where the forward branches on ``self.training``, the
-    other mode is captured too and merged in (:mod:`graph.modes`); if the two modes run different ops, replay in the
-    other mode raises :class:`~graph.errors.ReplayError` naming the branch.
+    other mode is captured too and merged in (:mod:`graph.modes`), ops that only one mode runs included; only when
+    the other mode cannot run on the example (nor at batch 2) does replay in it raise
+    :class:`~graph.errors.ReplayError` naming the branch. Capture under ``torch.no_grad()`` is fine: only the regions
+    the forward itself runs without grad replay without grad. When a guard read a size that was 1 in the example
+    (one prompt), the forward is traced again at size 2 and that general graph is kept if it replays the example
+    exactly (:mod:`graph.generalize`), so a batch-1 example replays at any batch size the model allows.
 
     Inputs may be positional or keyword, tensors of any dtype (token ids, masks) or constants; arguments left at
     their defaults are constants too, so replay refuses a value the capture never saw. The output comes back in the

@@ -59,6 +59,7 @@ def generalize_size_one(tracer, model: nn.Module, inputs: Inputs, trace: TraceFu
             attempts.append(grown)
     if not attempts:  # the sizes of 1 are the architecture's (a pooled 1x1 map), not the example's
         return tracer
+    compared = False
     for grown in attempts:
         try:
             general = trace(model, tracer.training, *grown)
@@ -66,9 +67,11 @@ def generalize_size_one(tracer, model: nn.Module, inputs: Inputs, trace: TraceFu
             continue
         if _fit_to_example(general, model, inputs):
             return general
-    for node in tracer.nodes:
-        if node.op == "input":
-            node.meta[SPECIAL_AT_SIZE_ONE] = True
+        compared = True
+    if compared:  # a general graph ran but computes otherwise at the example's size 1
+        for node in tracer.nodes:
+            if node.op == "input":
+                node.meta[SPECIAL_AT_SIZE_ONE] = True
     return tracer
 
 
