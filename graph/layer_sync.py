@@ -87,7 +87,8 @@ class PrunedMultiheadAttention(nn.MultiheadAttention):
 
     @classmethod
     def from_sizes(cls, embed_dim: int, kdim: int, vdim: int, num_heads: int, head_dim: int, out_features: int,
-                   qkv_same_embed_dim: bool, bias: bool, batch_first: bool, dropout: float) -> "PrunedMultiheadAttention":
+                   qkv_same_embed_dim: bool, bias: bool, batch_first: bool,
+                   dropout: float) -> "PrunedMultiheadAttention":
         """An uninitialised module of these widths, its tensors on the ``meta`` device (the savers rebuild one from
         :meth:`sizes` and then assign the stored tensors)."""
         width = num_heads * head_dim
@@ -102,7 +103,8 @@ class PrunedMultiheadAttention(nn.MultiheadAttention):
                 module.k_proj_weight = nn.Parameter(torch.empty(width, kdim))
                 module.v_proj_weight = nn.Parameter(torch.empty(width, vdim))
             module.out_proj = type(module.out_proj)(width, out_features, bias=bias)
-        module.embed_dim, module.kdim, module.vdim, module._qkv_same_embed_dim = embed_dim, kdim, vdim, qkv_same_embed_dim
+        module.embed_dim, module.kdim, module.vdim = embed_dim, kdim, vdim
+        module._qkv_same_embed_dim = qkv_same_embed_dim
         module.__class__ = cls
         return module
 

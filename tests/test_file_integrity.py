@@ -91,6 +91,25 @@ def test_flipping_any_byte_loads_the_identical_network_or_raises_file_format_err
     assert counts["FileFormatError"] > len(data) // 2
 
 
+def test_damaged_pkl_names_the_damaged_part(tmp_path):
+    path = tiny_network().save(pkl=tmp_path / "net.pkl")
+    payload = torch.load(path, weights_only=True)
+    payload["tensors"]["nodes.fc.weight"][0, 0] += 1
+    torch.save(payload, path)
+    with pytest.raises(FileFormatError, match=r"net\.pkl: tensor 'nodes\.fc\.weight' is damaged"):
+        load(path)
+    payload = torch.load(tiny_network().save(pkl=tmp_path / "net.pkl"), weights_only=True)
+    payload["graph"] = payload["graph"].replace('"training":false', '"training":true')
+    torch.save(payload, path)
+    with pytest.raises(FileFormatError, match=r"net\.pkl: the graph spec is damaged"):
+        load(path)
+    payload = torch.load(tiny_network().save(pkl=tmp_path / "net.pkl"), weights_only=True)
+    payload["tensor_sha256"].pop("nodes.fc.bias")
+    torch.save(payload, path)
+    with pytest.raises(FileFormatError, match="tensor 'nodes.fc.bias' has no digest"):
+        load(path)
+
+
 # -------------------------------------------------------------------------------------------- crafted (hostile) files
 def saved_spec() -> tuple[dict, dict[str, torch.Tensor]]:
     """The spec and tensors the savers write for the tiny network, as plain JSON values to edit."""
@@ -99,7 +118,7 @@ def saved_spec() -> tuple[dict, dict[str, torch.Tensor]]:
 
 
 def write_crafted(fmt: str, spec: object, tensors: dict[str, torch.Tensor], path: str, monkeypatch) -> str:
-    """Write ``spec`` through the real saver of ``fmt`` (so every digest is right, as a hostile author would make it)."""
+    """Write ``spec`` through the real saver of ``fmt``: every digest is right, as a hostile author would make it."""
     module, save = {"pkl": (pkl_format, pkl_format.save_pkl), "json": (json_format, json_format.save_json),
                     "vnmodel": (vnmodel_format, vnmodel_format.save_vnmodel)}[fmt]
     with monkeypatch.context() as patch:
@@ -138,7 +157,8 @@ CRAFTED = {
     "op that changes autocast state": (("modules", "fc"), {"kind": "function",
                                                            "target": "torch.autocast_increment_nesting"},
                                        'unknown op "torch.autocast_increment_nesting" not on the allow-list'),
-    "module key with a dot": (("modules",), {"a.b": {"kind": "function", "target": "torch.cat"}}, "cannot name a module"),
+    "module key with a dot": (("modules",), {"a.b": {"kind": "function", "target": "torch.cat"}},
+                              "cannot name a module"),
     "shape with a 2**64 dim": (("modules", "fc"), {"kind": "constant", "parameter": False, "shape": [0, 2**64]},
                                "malformed tensor shape"),
     "keyword as a parameter name": (("signature", 0, "name"), "class", "is not an identifier"),
@@ -270,7 +290,8 @@ def test_every_allow_listed_op_is_a_pure_tensor_function_or_method():
             assert name.startswith("Tensor."), name
         elif isinstance(fn, operator.attrgetter):
             assert isinstance(getattr(torch.Tensor, short), (property, type(torch.Tensor.T))), name
-            assert isinstance(getattr(torch.ones(2, 2, dtype=torch.cfloat), short), torch.Tensor) or short == "grad", name
+            value = getattr(torch.ones(2, 2, dtype=torch.cfloat), short)
+            assert isinstance(value, torch.Tensor) or short == "grad", name
         elif short in conversions:
             assert name.startswith(("Tensor.", "torch.")), name
         elif getattr(fn, "__module__", None) in ("torch.nn.functional", "torch.functional", "torch._tensor"):
@@ -288,7 +309,8 @@ def test_every_allow_listed_op_is_a_pure_tensor_function_or_method():
 # Each loader is fuzzed with a fixed seed (derandomize) and a fixed budget of examples, so CI runs the same cases.
 FUZZ = settings(derandomize=True, deadline=None, max_examples=120, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-PREFIXES = {"pkl": (b"PK\x03\x04", b"\x80\x02", b"\x80\x04"), "json": (b"{", b' {"format": '), "vnmodel": (b"VNMODEL\0",)}
+PREFIXES = {"pkl": (b"PK\x03\x04", b"\x80\x02", b"\x80\x04"), "json": (b"{", b' {"format": '),
+            "vnmodel": (b"VNMODEL\0",)}
 _SAVED: dict[str, tuple[bytes, tuple]] = {}
 
 

@@ -38,8 +38,8 @@ def tensor_data_digest(name: str, dtype: torch.dtype, shape: tuple[int, ...], da
 def check_digest(part: str, stored: object, computed: str) -> None:
     """Raise :class:`FileFormatError` naming ``part`` when ``stored`` is not the digest ``computed`` from the file."""
     if not isinstance(stored, str) or not _HEX_DIGEST.fullmatch(stored):
-        raise FileFormatError(f"{part}: its stored digest is malformed ({str(stored)[:80]!r}; expected 64 lowercase hex "
-                              "digits of SHA-256)")
+        raise FileFormatError(f"{part}: its stored digest is malformed ({str(stored)[:80]!r}; expected 64 lowercase "
+                              "hex digits of SHA-256)")
     if stored != computed:
         raise FileFormatError(f"{part} is damaged: its SHA-256 digest is {computed[:16]}... but the file stores "
                               f"{stored[:16]}... (the file is corrupted)")
