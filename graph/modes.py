@@ -160,14 +160,16 @@ class _ModeMerge:
         self.maps[1][j] = index
 
     def _append(self, node: Node, module: nn.Module | None, args: Any, kwargs: Any, meta: dict, mode: str | None,
-                side: int, index: int) -> int:
+                side: int, index: int | None) -> int:
+        """Add a merged node standing for node ``index`` of trace ``side`` (``None``: a node of neither trace)."""
         if mode is not None:
             meta["mode"] = mode
         merged = Node(name=self._unique(node.name), op=node.op, args=args, kwargs=kwargs, source=node.source,
                       meta=meta)
         self.nodes.append(merged)
         self.modules.append(module)
-        self.maps[side][index] = len(self.nodes) - 1
+        if index is not None:
+            self.maps[side][index] = len(self.nodes) - 1
         return len(self.nodes) - 1
 
     def _param(self, side: int, node: Node, module: ParameterNode) -> int:
@@ -181,14 +183,12 @@ class _ModeMerge:
                                                  dict(primary_node.meta), None, 0, primary_index)
             else:
                 self.params[name] = self._append(node, ParameterNode(self.tensors_by_name[name]), (), {},
-                                                 dict(node.meta), None, side, -1)
+                                                 dict(node.meta), None, side, None)
         return self.params[name]
 
     def _shared_module(self, module: nn.Module | None) -> nn.Module | None:
         """The primary copy's module standing for a module of the other trace's copy of the model."""
-        if module is None or isinstance(module, FunctionalOp):
-            return module
-        if isinstance(module, ConstantNode):
+        if module is None or isinstance(module, (FunctionalOp, ConstantNode)):  # stateless, or a copy of its own
             return module
         return self.modules_by_name[self.other._module_names[id(module)]]
 
