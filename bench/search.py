@@ -31,7 +31,6 @@ import torch  # noqa: E402
 
 from amc.models import build_model  # noqa: E402
 from compressors.base import top1_accuracy  # noqa: E402
-from graph.flops import count_flops  # noqa: E402
 from graph.serialization.atomic import atomic_path  # noqa: E402
 from trainers import finetune  # noqa: E402
 from trainers.datasets import load_dataset  # noqa: E402

@@ -300,3 +300,25 @@ def test_amc_search_command_saves_a_network_within_the_budget(tmp_path, capsys):
     saved = load(str(output))
     original = capture(build_model("residual-concat", 1, 10).eval(), torch.randn(1, 1, 8, 8))
     assert count_flops(saved).total_macs <= 0.5 * count_flops(original).total_macs
+
+
+def test_lasso_action_prunes_every_group_to_its_kept_count_with_refitted_weights():
+    model, data = _digits_model()
+    search = GATuner(model, data.train, data.val, compressor="channel-pruning", flops_target=0.5, episodes=2,
+                     population=2, round_to=4, heldout_images=128, calibration_images=64)
+    result = search.search()
+    keeps = result.best.keeps
+    for unit, keep in zip(search.units, keeps):
+        assert result.compressed_net.module_of(result.compressed_net.node(unit.name)).out_channels == keep
+    l2 = L2ChannelAction(search.rnet).compress(keeps)
+    assert count_flops(l2).total_macs == result.macs <= 0.5 * count_flops(search.rnet).total_macs
+    assert any(not torch.equal(a, b) for a, b in zip(l2.parameters(), result.compressed_net.parameters())
+               if a.shape == b.shape)
+
+
+def test_onnxruntime_latency_timer_times_a_layer():
+    pytest.importorskip("onnxruntime", reason="the onnxruntime latency backend needs onnxruntime")
+    from compressors.tuners.latency import time_onnxruntime
+
+    seconds = time_onnxruntime(nn.Conv2d(8, 8, 3, padding=1).eval(), torch.randn(1, 8, 16, 16), 3)
+    assert 0 < seconds < 1

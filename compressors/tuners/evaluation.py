@@ -161,12 +161,6 @@ class PolicyEvaluator:
         self.heldout = PrefixCache(rnet, [inputs for inputs, _ in heldout])
         self.calibration = PrefixCache(rnet, calibration) if calibration else None
 
-    def prepare(self, start: int) -> None:
-        """Compute the prefix values for ``start`` while ``rnet`` is still unchanged before it."""
-        self.heldout.entry(start)
-        if self.calibration is not None:
-            self.calibration.entry(start)
-
     def accuracy(self, start: int, network: nn.Module | None = None, run_from: int | None = None) -> float:
         """Top-1 accuracy on the held-out batches of ``network`` (default: ``rnet`` as it is now), whose weights
         differ from ``rnet``'s from node ``start`` on and whose nodes before ``run_from`` (default: ``start`` for

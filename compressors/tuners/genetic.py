@@ -1,6 +1,7 @@
 """Genetic-algorithm ratio search: a population of per-unit preserve-ratio vectors, repaired to the budget by
-scaling each vector to fill it, then through the action wall (the repaired ratios are written back into the genes), fitness = the reward (held-out accuracy by
-default), tournament selection, uniform crossover, Gaussian mutation and elitism."""
+scaling each vector to fill it, then through the action wall (the repaired ratios are written back into the
+genes); fitness = the reward (held-out accuracy by default); tournament selection, uniform crossover, Gaussian
+mutation and elitism."""
 from __future__ import annotations
 
 import math

@@ -11,7 +11,8 @@ from .search import SearchTuner
 
 
 class RandomSearchTuner(SearchTuner):
-    """Uniformly random policies, repaired to the budget; arguments as :class:`~compressors.tuners.search.SearchTuner`."""
+    """Uniformly random policies, repaired to the budget; arguments as
+    :class:`~compressors.tuners.search.SearchTuner`."""
 
     name = "random"
 

@@ -115,11 +115,10 @@ class SearchTuner:
                                    "of the training data the reward is measured on)")
         if isinstance(episodes, bool) or not isinstance(episodes, int) or episodes < 1:
             raise CompressionError(f"episodes must be a positive integer, got {episodes!r}")
-        for label, count in (("heldout_images", heldout_images), ("calibration_images", calibration_images)):
-            if isinstance(count, bool) or not isinstance(count, int) or count < 0 or \
-                    (label == "heldout_images" and count == 0):
-                raise CompressionError(f"{label} must be a {'positive' if label == 'heldout_images' else 'non-negative'}"
-                                       f" integer, got {count!r}")
+        for label, count, least in (("heldout_images", heldout_images, 1),
+                                    ("calibration_images", calibration_images, 0)):
+            if isinstance(count, bool) or not isinstance(count, int) or count < least:
+                raise CompressionError(f"{label} must be an integer of at least {least}, got {count!r}")
         self.budget_kind = "latency" if latency_target is not None else "macs"
         self.target = check_ratio("latency_target" if latency_target is not None else "flops_target",
                                   latency_target if latency_target is not None else flops_target)
