@@ -346,8 +346,8 @@ def main(argv: list[str] | None = None) -> None:
     for name in tqdm(names, desc="capture benchmark", unit="model"):
         results.append(run_child(name, args.repeats, args.threads, args.timeout))
         tqdm.write(_row(results[-1]))
-    text = report(results, command, args.threads, args.repeats, time.perf_counter() - start)
-    write_atomically(args.out, text)
+        text = report(results, command, args.threads, args.repeats, time.perf_counter() - start)
+        write_atomically(args.out, text)  # after every model, so an interrupted run still reports what it measured
     print(text)
 
 
@@ -361,9 +361,8 @@ def run_hf(args: argparse.Namespace, command: str) -> None:
         command_line = [sys.executable, os.path.abspath(__file__), "--hf-child", name, "--threads", str(args.threads)]
         results.append(run_json_child(command_line, name, args.timeout))
         tqdm.write(_hf_row(results[-1]))
-    out = DEFAULT_HF_OUT if args.out == DEFAULT_OUT else args.out
-    text = hf_report(results, command, time.perf_counter() - start)
-    write_atomically(out, text)
+        text = hf_report(results, command, time.perf_counter() - start)
+        write_atomically(DEFAULT_HF_OUT if args.out == DEFAULT_OUT else args.out, text)
     print(text)
 
 
