@@ -254,12 +254,13 @@ def test_captured_network_fine_tunes_and_the_original_is_untouched(digits):
     assert all(torch.equal(original[key], value) for key, value in model.state_dict().items())
 
 
-def test_bfloat16_autocast_trains_on_the_cpu(digits):
+@pytest.mark.parametrize("precision, dtype", [("bf16", torch.bfloat16), ("fp16", torch.float16)])
+def test_mixed_precision_autocast_trains_on_the_cpu(digits, precision, dtype):
     network = small_cnn()
     dtypes = set()
     network[0].register_forward_hook(lambda module, args, output: dtypes.add(output.dtype))
-    result = trainers.finetune(network, digits.train, digits.val, epochs=1, lr=0.05, precision="bf16")
-    assert dtypes == {torch.bfloat16}
+    result = trainers.finetune(network, digits.train, digits.val, epochs=1, lr=0.05, precision=precision)
+    assert dtypes == {dtype}
     assert network[0].weight.dtype == torch.float32
     assert result["val_top1"] > 0.8
 
