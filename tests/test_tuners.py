@@ -253,11 +253,11 @@ def test_latency_budget_search_keeps_the_measured_latency_model_within_the_targe
     model, data = _digits_model()
     # 8x8 digits: per-op overhead dominates, so even the smallest channel counts keep most of the latency
     search = GATuner(model, data.train, data.val, latency_target=0.97, episodes=4, population=2, round_to=16,
-                     heldout_images=64, calibration_images=32, checkpointfolder=tmp_path)
+                     heldout_images=64, calibration_images=32, checkpointfolder=tmp_path / "new")
     result = search.search()
     assert result.budget == "latency" and result.cost_ratio <= 0.97 + 1e-9
     assert search.model.cost([u.lowest for u in search.units]) < search.model.full
-    assert (tmp_path / "latency_table.json").exists()
+    assert (tmp_path / "new" / "latency_table.json").exists()
 
 
 def test_accuracy_first_returns_the_smallest_budget_within_the_threshold():

@@ -125,6 +125,8 @@ class SearchTuner:
         self.reward_name, self.reward = reward, reward_function(reward)
         self.episodes, self.seed, self.verbose = episodes, int(seed), verbose
         self.checkpointfolder = os.fspath(checkpointfolder) if checkpointfolder is not None else None
+        if self.checkpointfolder:
+            os.makedirs(self.checkpointfolder, exist_ok=True)
         self.device = torch.device(device) if device is not None else None
         self.trainloader, self.valloader = trainloader, valloader
         self.compressor, self.round_to, self.lbound, self.ignore = compressor, round_to, lbound, tuple(ignore)
@@ -235,7 +237,6 @@ class SearchTuner:
     def search(self) -> SearchResult:
         """Run (or resume) the search and return the :class:`SearchResult` at the best policy."""
         if self.checkpointfolder:
-            os.makedirs(self.checkpointfolder, exist_ok=True)
             self._resume()
             from tensorboardX import SummaryWriter
 
