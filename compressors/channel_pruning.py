@@ -64,12 +64,12 @@ def select_channels(gram: np.ndarray, correlation: np.ndarray, keep: int, n_samp
 def least_squares_refit(xtx: torch.Tensor, xty: torch.Tensor, columns: torch.Tensor,
                         ridge: float = 1e-7) -> torch.Tensor:
     """The weights (``len(columns)`` × outputs, i.e. transposed) that best map ``X[:, columns]`` to ``Y`` in the
-    least-squares sense, from ``XᵀX`` and ``XᵀY``: ``torch.linalg.lstsq`` on the normal equations, with a ridge of
-    ``ridge`` times the mean diagonal for numerical safety (rank-deficient inputs get the minimum-norm answer)."""
+    least-squares sense, from ``XᵀX`` and ``XᵀY``: ``torch.linalg.lstsq`` on the normal equations (QR with column
+    pivoting, which copes with rank-deficient inputs), with a ridge of ``ridge`` times the mean diagonal."""
     gram = xtx[columns][:, columns]
     scale = float(gram.diagonal().mean()) if gram.numel() else 0.0
     gram = gram + ridge * max(scale, 1e-12) * torch.eye(len(columns), dtype=gram.dtype, device=gram.device)
-    driver = "gelsd" if gram.device.type == "cpu" else None
+    driver = "gelsy" if gram.device.type == "cpu" else None
     return torch.linalg.lstsq(gram, xty[columns], driver=driver).solution
 
 
@@ -219,16 +219,18 @@ class ChannelPruning(Compressor):
     def _counts_for_flops(self, flops_target: float, passes: int = 4) -> dict[int, int]:
         """Per-group removal counts for a whole-network MACs target: the uniform channel ratio found by bisection
         (:func:`graph.pruning.plan_for_flops`), then channels given back one at a time, widest groups first, while
-        the budget still holds (the uniform ratio's rounding undershoots the target on narrow networks)."""
+        the budget still holds (the uniform ratio's rounding undershoots the target on narrow networks). Only the
+        counts matter here, so the trials prune a copy on the meta device, which holds shapes and no data."""
+        shapes = copy.deepcopy(self.origin_net).to("meta")
         wanted = {g.id for g in self.groups}
-        counts = {g.id: len(indices) for g, indices in plan_for_flops(self.origin_net, flops_target).items()
+        counts = {g.id: len(indices) for g, indices in plan_for_flops(shapes, flops_target, "random").items()
                   if g.id in wanted and len(indices)}
         budget = multiply_adds(self.origin_net) * flops_target
 
         def macs(trial: dict[int, int]) -> int:
-            return multiply_adds(prune_channels(self.origin_net, {gid: range(n) for gid, n in trial.items()}))
+            return multiply_adds(prune_channels(shapes, {gid: range(n) for gid, n in trial.items()}))
 
-        by_width = sorted(counts, key=lambda gid: -dependency_graph(self.origin_net).groups[gid].size)
+        by_width = sorted(counts, key=lambda gid: -dependency_graph(shapes).groups[gid].size)
         for _ in range(passes):
             changed = False
             for gid in by_width:
