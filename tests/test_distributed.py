@@ -96,3 +96,20 @@ def test_single_process_context_changes_nothing():
     assert not context.enabled and context.is_main
     assert context.wrap(network, torch.device("cpu")) is network
     assert context.sum({"a": 1.5, "b": 2.0}) == {"a": 1.5, "b": 2.0}
+
+
+def test_training_shards_split_each_shuffled_epoch_between_the_processes():
+    from torch.utils.data import DataLoader, TensorDataset, WeightedRandomSampler
+
+    dataset = TensorDataset(torch.arange(20))
+    loader = DataLoader(dataset, batch_size=3, shuffle=True, generator=torch.Generator().manual_seed(7))
+    shards = [DistributedContext(world_size=2, rank=rank).shard(loader, train=True) for rank in range(2)]
+    for epoch in range(2):
+        for shard in shards:
+            shard.sampler.set_epoch(epoch)
+        seen = [torch.cat([batch[0] for batch in shard]).tolist() for shard in shards]
+        assert sorted(seen[0] + seen[1]) == list(range(20)) and len(seen[0]) == len(seen[1]) == 10
+        assert seen[0] != sorted(seen[0])  # shuffled
+    weighted = DataLoader(dataset, batch_size=3, sampler=WeightedRandomSampler([1.0] * 20, 20))
+    with pytest.raises(ValueError, match="cannot shard a DataLoader with a WeightedRandomSampler"):
+        DistributedContext(world_size=2, rank=0).shard(weighted, train=True)

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, RandomSampler, Sampler
+from torch.utils.data import DataLoader, RandomSampler, Sampler, SequentialSampler
 from torch.utils.data.distributed import DistributedSampler
 
 
@@ -75,11 +75,17 @@ class DistributedContext:
     def shard(self, loader: DataLoader | None, train: bool) -> DataLoader | None:
         """``loader`` rebuilt to read only this process's share: a ``DistributedSampler`` (shuffled when the loader
         shuffled, seeded from its generator so every process agrees) for training, a :class:`ShardSampler` for
-        evaluation. The batch size stays the per-process batch size."""
+        evaluation. The batch size stays the per-process batch size. A loader that already has a distributed
+        sampler is kept; other custom samplers are an error (their weighting would be lost)."""
         if not self.enabled or loader is None:
             return loader
         if loader.batch_size is None:
             raise ValueError("distributed training needs DataLoaders built with batch_size (not a batch_sampler)")
+        if isinstance(loader.sampler, (DistributedSampler, ShardSampler)):
+            return loader
+        if not isinstance(loader.sampler, (RandomSampler, SequentialSampler)):
+            raise ValueError(f"cannot shard a DataLoader with a {type(loader.sampler).__name__} over processes: "
+                             "give it a DistributedSampler yourself, or use shuffle=True/False")
         dataset = loader.dataset
         if train:
             seed = loader.generator.initial_seed() if loader.generator is not None else 0
