@@ -351,3 +351,20 @@ def test_amc_finetune_refuses_a_network_that_does_not_take_the_data(tmp_path, ca
     assert "returns (2, 3) for 2 images, not (2, 10) class logits" in capsys.readouterr().err
     assert main(["finetune", str(tmp_path / "missing.pkl")]) == 2
     assert "file not found" in capsys.readouterr().err
+
+
+class GradientNorms(Callback):
+    def __init__(self):
+        self.norms = []
+
+    def on_batch_end(self, trainer, step):
+        grads = [p.grad for p in trainer.network.parameters() if p.grad is not None]
+        self.norms.append(float(torch.linalg.vector_norm(torch.cat([g.flatten() for g in grads]))))
+
+
+def test_grad_clip_norm_bounds_the_gradient_that_is_stepped(digits):
+    clipped, free = GradientNorms(), GradientNorms()
+    trainer_for(small_cnn(), digits, callbacks=[clipped], grad_clip_norm=0.05, max_steps=5).run()
+    trainer_for(small_cnn(), digits, callbacks=[free], max_steps=5).run()
+    assert max(clipped.norms) <= 0.05 * (1 + 1e-4)
+    assert min(free.norms) > 0.05
