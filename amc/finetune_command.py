@@ -44,7 +44,8 @@ def register(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--hint", nargs="*", default=[], metavar="NODE",
                         help="node names present in both networks whose features the student should match")
     parser.add_argument("--precision", default="fp32", choices=sorted(PRECISIONS), help="autocast precision")
-    parser.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: the accelerator when there is one)")
+    parser.add_argument("--device", default="auto",
+                        help="cpu, cuda, cuda:1, ... (default auto: the accelerator when there is one)")
     parser.add_argument("--checkpoints", metavar="DIR", help="write latest.pt/best.pt here after every epoch")
     parser.add_argument("--resume", action="store_true", help="continue from DIR/latest.pt (needs --checkpoints)")
     parser.add_argument("--logdir", metavar="DIR", help="tensorboardX log directory")

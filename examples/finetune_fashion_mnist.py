@@ -96,7 +96,7 @@ def main() -> None:
     parser.add_argument("--checkpoints_folder", default="./fashion_mnist_checkpoints")
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--flops_target", type=float, default=0.5, help="MACs kept by channel pruning")
-    parser.add_argument("--device", default=None, help="default: the accelerator when there is one")
+    parser.add_argument("--device", default="auto", help="default: the accelerator when there is one")
     parser.add_argument("--resume", action="store_true", help="continue every stage from its latest checkpoint")
     parser.add_argument("--verbose", action="store_true")
     args = parser.parse_args()

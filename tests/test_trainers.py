@@ -368,3 +368,14 @@ def test_grad_clip_norm_bounds_the_gradient_that_is_stepped(digits):
     trainer_for(small_cnn(), digits, callbacks=[free], max_steps=5).run()
     assert max(clipped.norms) <= 0.05 * (1 + 1e-4)
     assert min(free.norms) > 0.05
+
+
+def test_device_none_keeps_the_network_where_it_is_and_a_missing_accelerator_is_an_error():
+    from trainers.devices import resolve_device
+
+    assert resolve_device(None, nn.Linear(2, 2)) == torch.device("cpu")
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else
+                                           "mps" if torch.backends.mps.is_available() else "cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            resolve_device("cuda:0")

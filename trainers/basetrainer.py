@@ -92,7 +92,7 @@ class BaseTrainer:
 
     ``train_loader`` yields training batches (``(inputs, targets)`` by default); ``val_loader`` is evaluated after
     every epoch and ``eval_loader`` once at the end (either may be ``None``). ``network`` is trained in place (moved
-    to ``device``: ``None`` picks the accelerator when there is one). ``scheduler`` is any
+    to ``device``; ``None`` keeps it where it is, ``"auto"`` picks the accelerator when there is one). ``scheduler`` is any
     ``torch.optim.lr_scheduler`` (``ReduceLROnPlateau`` is stepped with the monitored metric), stepped per epoch
     or, with ``scheduler_interval="step"``, per optimiser step. ``tbx_writer`` is a tensorboardX ``SummaryWriter``,
     a log directory, or ``None``. ``checkpoints_folder`` receives ``latest.pt`` after every epoch and ``best.pt``
@@ -141,7 +141,7 @@ class BaseTrainer:
             raise ValueError(f"monitor_mode must be one of {MONITOR_MODES}, got {self.monitor_mode!r}")
         self.monitor = monitor or (self.monitor if val_loader is not None
                                    else self.monitor.replace("val_", "train_", 1))
-        self._device = resolve_device(device)
+        self._device = resolve_device(device, network)
         self.network = network.to(self._device)
         self.distributed = DistributedContext.from_environment(self._device)
         self._training_network = self.distributed.wrap(self.network, self._device)

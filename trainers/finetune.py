@@ -29,8 +29,10 @@ def finetune(network: nn.Module, train_loader: DataLoader, val_loader: DataLoade
     Runs ``epochs`` epochs (at most ``max_steps`` optimiser steps) of SGD (``lr``, ``momentum``, ``weight_decay``)
     with the rate annealed to zero by a per-step cosine. With ``teacher`` (the original network) the loss is
     ``alpha`` times the temperature-``temperature`` logit distillation loss plus ``1 - alpha`` times cross-entropy,
-    plus feature ``hints`` (node names shared by both networks). ``callbacks`` see every step
-    (:class:`~trainers.callbacks.Callback`; re-apply a pruning mask in ``on_batch_end``). ``checkpoints_folder``
+    plus feature ``hints`` (node names shared by both networks). ``device`` is where to train (``None``: where the
+    network is; ``"auto"``: the accelerator when there is one); ``precision`` is ``"fp32"``, ``"bf16"`` or
+    ``"fp16"``. ``callbacks`` see every step (:class:`~trainers.callbacks.Callback`; re-apply a pruning mask in
+    ``on_batch_end``). ``checkpoints_folder``
     and ``resume`` keep and continue from checkpoints, ``tbx_writer`` (a ``SummaryWriter`` or a log directory)
     receives tensorboardX logs, as in :class:`~trainers.basetrainer.BaseTrainer`.
 
