@@ -395,8 +395,9 @@ class BaseTrainer:
         total = losses["total_loss"]
         if not isinstance(total, torch.Tensor) or not total.requires_grad:
             raise TypeError("'total_loss' must be a tensor that requires grad (computed from the network's output)")
-        if not torch.isfinite(total.detach()).all():
-            raise FloatingPointError(f"the training loss became {float(total.detach())} at step {self.global_step + 1}; "
+        value = total.detach()
+        if not torch.isfinite(value).all():
+            raise FloatingPointError(f"the training loss became {float(value)} at step {self.global_step + 1}; "
                                      "lower the learning rate or check the data")
         return total
 
