@@ -34,6 +34,13 @@ vocabulary 1000; nothing is downloaded), in eval mode, once with ``attn_implemen
   ``from_pretrained`` and ``generate``. The peer passes when every stage after the workaround passes and something
   was pruned.
 
+With ``--wrapped`` a third row set puts each model inside the user's own module (``UserModule``: ``self.model =
+...``, forward passed through), captures the wrapper, keeps ``plan_by_ratio(rnet, 0.5)`` of every default group
+(heads, MLP and whatever else the analysis finds) to what the config can hold
+(``graph.config_plan.config_expressible_plan``; what it leaves out is listed with the reason), writes it back with
+``apply_plan``, reloads the inner model with ``save_pretrained`` / ``from_pretrained`` and, for causal LMs, compares
+its greedy ``generate`` with the pruned network's argmax decoding.
+
 Ours passes ("yes") when every check holds with heads and MLP written back and the config refitted; "yes (config
 kept)" when every check holds but the config cannot hold the pruned heads, so they were written back with
 ``fit_config=False``.
@@ -68,6 +75,7 @@ from graph import capture  # noqa: E402
 from graph.capture import iter_tensors  # noqa: E402
 from graph.pruning import plan_by_ratio  # noqa: E402
 from graph.errors import PruningError  # noqa: E402
+from graph.config_plan import config_expressible_plan  # noqa: E402
 from graph.write_back import apply_plan  # noqa: E402
 
 HIDDEN, LAYERS, HEADS, KV_HEADS, INTERMEDIATE, VOCAB = 256, 4, 8, 4, 688, 1000
@@ -254,6 +262,81 @@ def measure_ours(key: str) -> dict:
     return result
 
 
+class UserModule(nn.Module):
+    """A user's own module holding the Hugging Face model (``self.model = AutoModelForCausalLM...``) and passing its
+    inputs through."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.model(*args, **kwargs)
+
+
+def measure_wrapped(key: str) -> dict:
+    """The family's model inside a :class:`UserModule`: capture the wrapper, keep the 50% plan of every default group
+    to what the config holds (``config_expressible_plan``), write it back, reload the inner model with
+    ``from_pretrained`` and (causal LMs) generate."""
+    family, attention = key.split("/")
+    model = UserModule(build(family, attention)).eval()
+    args, kwargs = inputs(family, BATCH, LENGTH)
+    result: dict = {"name": key, "params_before": _params(model)}
+    stage = "capture"
+    try:
+        rnet, result["capture_s"] = timed(lambda: capture(model, *args, **kwargs))
+        stage = "config_expressible_plan"
+        requested = plan_by_ratio(rnet, RATIO, "l2")
+        plan, result["plan_s"] = timed(lambda: config_expressible_plan(model, rnet, requested, inputs=(args, kwargs)))
+        result.update(requested=len(requested), kept=len(plan), trimmed=len(plan.trimmed),
+                      left_out=sorted(f"{len(ids)} x {reason[:160]}" for reason, ids in plan.reasons().items()))
+        stage = "apply_plan"
+        written, result["write_back_s"] = timed(lambda: apply_plan(model, rnet, plan, inputs=(args, kwargs)))
+        result["params_after"] = _params(written)
+        result["write_back"] = FITTED
+        stage = "save / reload"
+        _write_back_checks(result, family, attention, written.model, rnet.prune_channels(plan))
+    except Exception as error:  # noqa: BLE001 - every failure is a benchmark result
+        result.update(failure(stage, error))
+    return result
+
+
+def wrapped_ok(wrapped: dict | None, family: str) -> bool:
+    """Written back into the wrapper with something kept, reloaded with ``from_pretrained`` and (causal LMs)
+    generating the pruned network's greedy tokens."""
+    return (bool(wrapped) and "error" not in wrapped and wrapped.get("kept", 0) > 0 and _reload_ok(wrapped)
+            and (not causal(family) or wrapped.get("generate_equal", False)))
+
+
+def _wrapped_section(results: list[dict]) -> list[str]:
+    """Totals and one row per model for the wrapped row set."""
+    rows = [r for r in results if "wrapped" in r]
+    if not rows:
+        return []
+    families = list(dict.fromkeys(r["name"].split("/")[0] for r in rows))
+    ok = sum(all(wrapped_ok(r["wrapped"], f) for r in rows if r["name"].startswith(f + "/")) for f in families)
+    lines = ["## Inside the user's own module", "",
+             f"**Wrapped: {ok}/{len(families)} families** (models: "
+             f"{sum(wrapped_ok(r['wrapped'], r['name'].split('/')[0]) for r in rows)}/{len(rows)}). The model sits in "
+             "`UserModule` (`self.model = ...`); the wrapper is captured, `plan_by_ratio(rnet, 0.5)` (every default "
+             "group) is kept to what the config holds by `config_expressible_plan`, written back with `apply_plan`, "
+             "and the inner model is saved with `save_pretrained` and reloaded with `from_pretrained`. OK = kept "
+             "groups written back, reload reproduces the copy's logits and greedy `generate` of the copy's inner model "
+             "equals the pruned network's argmax decoding.", "",
+             "| model | wrapped OK | groups kept / requested (trimmed) | left out | params | reload diff "
+             "| generate = greedy | plan s | failure |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        w, family = r["wrapped"], r["name"].split("/")[0]
+        lines.append(
+            f"| {r['name']} | {'yes' if wrapped_ok(w, family) else '**no**'} | "
+            f"{w.get('kept', '')} / {w.get('requested', '')} ({w.get('trimmed', '')}) | "
+            f"{'; '.join(w.get('left_out', [])).replace('|', '/')} | {_ratio(w, 'params')} | "
+            f"{_f(w.get('reload_diff'), '.0e')} | {_yes(w.get('generate_equal')) if causal(family) else 'n/a'} | "
+            f"{_f(w.get('plan_s'))} | {w.get('error', '').replace('|', '/')[:300]} |")
+    return [*lines, ""]
+
+
 def _attention_heads(model: nn.Module) -> dict[nn.Module, int]:
     """The recipe's ``num_heads``: query projections get ``num_attention_heads``, key/value projections
     ``num_key_value_heads``, fused qkv projections ``num_attention_heads``; found by attribute names."""
@@ -371,7 +454,7 @@ def measure_peer(key: str) -> dict:
     return result
 
 
-SIDES = {"ours": measure_ours, "peer": measure_peer}
+SIDES = {"ours": measure_ours, "peer": measure_peer, "wrapped": measure_wrapped}
 
 
 def run_model(key: str, sides: list[str], threads: int, timeout: float) -> dict:
@@ -553,6 +636,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--families", help=f"comma-separated subset of {', '.join(FAMILIES)}")
     parser.add_argument("--attention", default=",".join(ATTENTIONS), help="comma-separated attn implementations")
+    parser.add_argument("--wrapped", action="store_true",
+                        help="add the row set with each model inside the user's own module (written back, reloaded)")
     add_side_arguments(parser, list(SIDES), timeout=60, out=DEFAULT_OUT)
     args = parser.parse_args(argv)
     if args.child:
@@ -564,7 +649,7 @@ def main(argv: list[str] | None = None) -> None:
     unknown = sorted(set(families) - set(FAMILIES))
     if unknown:
         parser.error(f"unknown families: {', '.join(unknown)}")
-    sides = ["ours"] if args.skip_peer else ["ours", "peer"]
+    sides = (["ours"] if args.skip_peer else ["ours", "peer"]) + (["wrapped"] if args.wrapped else [])
     start = time.perf_counter()
     results = []
     for family in families:
@@ -574,7 +659,7 @@ def main(argv: list[str] | None = None) -> None:
     command = "python bench/prune_transformers.py" + "".join(
         f" {a}" for a in (argv if argv is not None else sys.argv[1:]))
     text = report(results, command, args.threads, args.timeout, time.perf_counter() - start, not args.skip_peer)
-    text += "\n".join(["", *_failures(results)])
+    text += "\n".join(["", *_wrapped_section(results), *_failures(results)])
     write_atomically(args.out, text)
     print(text)
 

@@ -83,8 +83,8 @@ def write_back(model: nn.Module, rnet, pruned, root: str = "", inputs: tuple[tup
     :func:`graph.config_plan.config_expressible_plan` restricts a plan to what the configs hold), when a module holds
     a config apply_plan cannot refit, or when verification fails.
 
-    ``fit_config=False`` skips the model-class rewriter (a Hugging Face config is left as it was) and resizes the
-    modules' own attributes by tensor widths and rewritten constants alone: the way to keep pruned GPT-2 or BERT
+    ``fit_config=False`` skips the registered rewriters (no Hugging Face config is refitted) and resizes every
+    module's own attributes by tensor widths and rewritten constants alone: the way to keep pruned GPT-2 or BERT
     heads, whose sizes no config can hold. The copy is verified as always and runs, ``generate`` included, but
     ``from_pretrained`` cannot rebuild it from its unchanged config: save it with ``torch.save``.
     """
@@ -154,7 +154,7 @@ def within(path: str, owner: str) -> bool:
 def _relative(changes: SizeChanges, owner: str) -> SizeChanges:
     """``changes`` of the subtree at ``owner``, keyed by paths relative to it."""
     def strip(path: str) -> str:
-        return path[len(owner) + 1:] if owner and path != owner else ("" if path == owner else path)
+        return path[len(owner) + 1:] if owner else path
     return SizeChanges({strip(p): d for p, d in changes.dims.items() if within(p, owner)},
                        {strip(p): c for p, c in changes.constants.items() if within(p, owner)})
 
