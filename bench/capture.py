@@ -120,7 +120,7 @@ def train_step_error(model: torch.nn.Module, net: torch.nn.Module, inputs: tuple
         module.eval()
         with torch.no_grad():
             after = module(*args, **kwargs)
-        figures.append((float(loss), grad_norm ** 0.5, after))
+        figures.append((float(loss.detach()), grad_norm ** 0.5, after))
     (loss_a, norm_a, after_a), (loss_b, norm_b, after_b) = figures
     return max(abs(loss_a - loss_b) / max(1.0, abs(loss_a)), abs(norm_a - norm_b) / max(1.0, norm_a),
                relative_error(after_a, after_b))
@@ -209,7 +209,8 @@ def _checked(figure: Callable[[], float]) -> float | str:
 
 
 def measure(name: str, repeats: int) -> dict:
-    """All figures for one model (runs in the child process)."""
+    """All figures for one model (runs in the child process); ``repeats=0`` skips the timings and the memory
+    figures (reported as nan), for a quick run of the exactness, train-mode and batch-size checks."""
     torch.manual_seed(0)
     model = build(name)
     size = native_size(name, model)
@@ -221,15 +222,17 @@ def measure(name: str, repeats: int) -> dict:
         capture_s = time.process_time() - start
         capture_growth = max(0, _peak_rss_bytes() - rss_before)
         weight_bytes = sum(t.nbytes for t in [*model.parameters(), *model.buffers()])
-        counter = _CreatedTensorBytes()
-        with counter:
-            model(x1)
-        activation_bytes = sum(counter.storages.values())
-        del counter
+        activation_bytes = float("nan")
+        if repeats:
+            counter = _CreatedTensorBytes()
+            with counter:
+                model(x1)
+            activation_bytes = sum(counter.storages.values())
+            del counter
         errors = [relative_error(model(x), net(x)) for x in (x1, x2)]
         x3 = torch.randn(3, 3, size, size)
         error_b3 = _checked(lambda: relative_error(model(x3), net(x3)))
-        original_s, replay_s, overhead = _timings(model, net, x1, repeats)
+        original_s, replay_s, overhead = _timings(model, net, x1, repeats) if repeats else (float("nan"),) * 3
     train_error = _checked(lambda: _image_train_error(model, size))
     return {"name": name, "size": size, "nodes": len(net.graph_nodes), "capture_s": capture_s,
             "error_b1": errors[0], "error_b2": errors[1], "error_b3": error_b3, "train_error": train_error,
@@ -255,6 +258,14 @@ def _verdict(figure: float | str) -> str:
     if isinstance(figure, str):
         return f"NO: {figure}".replace("|", "/").replace("\n", " ")
     return f"{'yes' if _passes(figure) else 'NO'} ({figure:.0e})"
+
+
+def _measured_here(name: str, repeats: int) -> dict:
+    """:func:`measure` in this process; an exception becomes the row's error."""
+    try:
+        return measure(name, repeats)
+    except Exception as error:  # reported in the table
+        return {"name": name, "error": f"{type(error).__name__}: {str(error)[:200]}"}
 
 
 def _row(result: dict) -> str:
@@ -321,11 +332,14 @@ def main(argv: list[str] | None = None) -> None:
     """Command line: measure the zoo (or ``--models``) and write the markdown report."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="*", help="model names (default: the whole zoo)")
-    parser.add_argument("--repeats", type=int, default=5, help="interleaved timing repeats per model")
+    parser.add_argument("--repeats", type=int, default=5,
+                        help="interleaved timing repeats per model (0: no timings or memory figures)")
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads in each child")
     parser.add_argument("--timeout", type=float, default=900, help="seconds per model")
     parser.add_argument("--out", default=DEFAULT_OUT, help="markdown report path")
     parser.add_argument("--hf", action="store_true", help="measure the Hugging Face families instead of the zoo")
+    parser.add_argument("--in-process", action="store_true",
+                        help="measure every model in this process (no interpreter start per model; no isolation)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--hf-child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -343,8 +357,11 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"unknown model names: {', '.join(unknown)}")
     start = time.perf_counter()
     results = []
+    if args.in_process:
+        torch.set_num_threads(args.threads)
     for name in tqdm(names, desc="capture benchmark", unit="model"):
-        results.append(run_child(name, args.repeats, args.threads, args.timeout))
+        results.append(_measured_here(name, args.repeats) if args.in_process
+                       else run_child(name, args.repeats, args.threads, args.timeout))
         tqdm.write(_row(results[-1]))
         text = report(results, command, args.threads, args.repeats, time.perf_counter() - start)
         write_atomically(args.out, text)  # after every model, so an interrupted run still reports what it measured
