@@ -102,22 +102,39 @@ def run_method(method: str, model, data, target: float, compressor: str, args) -
     return row
 
 
-def load_rows(path: str) -> list[dict[str, Any]]:
-    """Rows finished by earlier runs."""
+def time_ddpg(model, data, args) -> dict[str, Any]:
+    """Wall and CPU seconds per DDPG episode on ResNet-20 at the paper's budget of 300 episodes' settings (rewards on
+    ``--heldout`` images, BatchNorm re-estimation on ``--calibration``), and the 300-episode extrapolation."""
+    from compressors.tuners import DDPGTuner
+
+    tuner = DDPGTuner(model, data.train, data.val, flops_target=0.5, episodes=args.timing_episodes,
+                      warmup=args.timing_episodes // 2, round_to=args.round_to, heldout_images=args.heldout,
+                      calibration_images=args.calibration, seed=args.seed)
+    wall, cpu = time.perf_counter(), time.process_time()
+    tuner.search()
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    episodes = args.timing_episodes
+    return {"episodes": episodes, "wall_per_episode": wall / episodes, "cpu_per_episode": cpu / episodes,
+            "wall_300_minutes": 300 * wall / episodes / 60, "cpu_300_minutes": 300 * cpu / episodes / 60}
+
+
+def load_rows(path: str) -> Any:
+    """Rows (or timings) finished by earlier runs."""
     if not os.path.exists(path):
         return []
     with open(path, encoding="utf-8") as handle:
         return json.load(handle)
 
 
-def save_rows(path: str, rows: list[dict[str, Any]]) -> None:
+def save_rows(path: str, rows: Any) -> None:
     """Write the rows atomically."""
     with atomic_path(path) as temporary:
         with open(temporary, "w", encoding="utf-8") as handle:
             json.dump(rows, handle, indent=1)
 
 
-def table(rows: list[dict[str, Any]], originals: dict[str, dict[str, float]], args) -> str:
+def table(rows: list[dict[str, Any]], originals: dict[str, dict[str, float]], timings: dict[str, Any],
+          args) -> str:
     """The markdown report."""
     lines = ["# Ratio search: uniform vs random vs sensitivity vs DDPG vs GA at equal MACs", "",
              f"Fashion-MNIST 28x28; base models trained {args.train_steps} SGD steps (batch 64); reward on the first "
@@ -138,6 +155,15 @@ def table(rows: list[dict[str, Any]], originals: dict[str, dict[str, float]], ar
                      f"{row['macs_ratio']:.3f} | {row['heldout']:.4f} | {row['test']:.4f} | {row['heldout_ft']:.4f} | "
                      f"{row['test_ft']:.4f} | {row['evaluations']} | {row['seconds']:.0f} | "
                      f"{row['seconds_per_episode']:.2f} |")
+    if timings:
+        lines += ["", "DDPG on ResNet-20 (0.5 of the MACs), time per episode (evaluation and agent updates, no "
+                  "checkpointing), 300 episodes extrapolated; CPU seconds are what one idle core would take:",
+                  "", "| reward images + calibration images | episodes timed | wall s/episode | CPU s/episode | "
+                  "300 episodes wall (min) | 300 episodes CPU (min) |", "| --- | --- | --- | --- | --- | --- |"]
+        for key, timing in timings.items():
+            lines.append(f"| {key} | {timing['episodes']} | {timing['wall_per_episode']:.2f} | "
+                         f"{timing['cpu_per_episode']:.2f} | {timing['wall_300_minutes']:.1f} | "
+                         f"{timing['cpu_300_minutes']:.1f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -187,6 +213,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache", default=DEFAULT_CACHE)
     parser.add_argument("--out", default=DEFAULT_OUT)
     parser.add_argument("--only-train", action="store_true", help="train (and cache) the base models, then stop")
+    parser.add_argument("--timing-episodes", type=int, default=0,
+                        help="also time this many DDPG episodes on ResNet-20 (wall and CPU seconds per episode)")
     parser.add_argument("--verbose", action="store_true")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
@@ -203,6 +231,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.only_train:
             continue
         args.model_name = name
+        timings = load_rows(os.path.join(args.cache, "timing.json")) or {}
+        key = f"{args.heldout} + {args.calibration}"
+        if args.timing_episodes and name == "resnet20" and key not in timings:
+            timings[key] = time_ddpg(model, data, args)
+            print("timing", timings[key], flush=True)
+            save_rows(os.path.join(args.cache, "timing.json"), timings)
         for target in args.targets:
             for compressor in args.compressors:
                 for method in args.methods:
@@ -213,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
                     rows.append(row)
                     save_rows(rows_path, rows)
                     print({k: v for k, v in row.items() if k != "ratios"}, flush=True)
-    report = table(rows, originals, args)
+    report = table(rows, originals, load_rows(os.path.join(args.cache, "timing.json")) or {}, args)
     print(report)
     with atomic_path(args.out) as temporary:
         with open(temporary, "w", encoding="utf-8") as handle:

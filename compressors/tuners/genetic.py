@@ -114,7 +114,7 @@ class GATuner(SearchTuner):
         super().__init__(origin_net, trainloader, valloader, flops_target, compressor, population * generations,
                          seed, checkpointfolder, device, verbose, **options)
         self.population_size, self.generations = population, generations
-        self.rng = np.random.default_rng(self.seed)
+        self.rng = self.generator()
         self.ga = GeneticAlgorithm(len(self.units), self.lbound, 1.0, population, self.rng, config)
         self.population: np.ndarray | None = None
 

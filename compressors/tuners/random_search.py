@@ -5,8 +5,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
-
 from .search import SearchTuner
 
 
@@ -18,7 +16,7 @@ class RandomSearchTuner(SearchTuner):
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
-        self.rng = np.random.default_rng(self.seed)
+        self.rng = self.generator()
 
     def run_agent(self) -> None:
         for episode in range(len(self.history), self.episodes):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import zlib
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -166,6 +167,11 @@ class SearchTuner:
         return LatencyModel(self.rnet, self.units, backend=self.latency_backend,
                             cache=os.path.join(self.checkpointfolder, "latency_table.json")
                             if self.checkpointfolder else None)
+
+    def generator(self) -> np.random.Generator:
+        """A numpy generator of the tuner's seed and kind (so the GA's initial population and random search's
+        policies are different draws at one seed)."""
+        return np.random.default_rng([self.seed, zlib.crc32(self.name.encode())])
 
     def signature(self) -> dict[str, Any]:
         """What a checkpoint must match to be resumed: the tuner, units, budget, compressor, reward and seed."""
