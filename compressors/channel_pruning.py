@@ -64,12 +64,13 @@ def select_channels(gram: np.ndarray, correlation: np.ndarray, keep: int, n_samp
 def least_squares_refit(xtx: torch.Tensor, xty: torch.Tensor, columns: torch.Tensor,
                         ridge: float = 1e-7) -> torch.Tensor:
     """The weights (``len(columns)`` × outputs, i.e. transposed) that best map ``X[:, columns]`` to ``Y`` in the
-    least-squares sense, from ``XᵀX`` and ``XᵀY``: ``torch.linalg.lstsq`` on the normal equations (QR with column
-    pivoting, which copes with rank-deficient inputs), with a ridge of ``ridge`` times the mean diagonal."""
+    least-squares sense, from ``XᵀX`` and ``XᵀY``: ``torch.linalg.lstsq`` on the normal equations, with a ridge of
+    ``ridge`` times the mean diagonal, which keeps them full rank (fewer samples than columns, dead channels), so the
+    fast blocked QR driver applies."""
     gram = xtx[columns][:, columns]
     scale = float(gram.diagonal().mean()) if gram.numel() else 0.0
     gram = gram + ridge * max(scale, 1e-12) * torch.eye(len(columns), dtype=gram.dtype, device=gram.device)
-    driver = "gelsy" if gram.device.type == "cpu" else None
+    driver = "gels" if gram.device.type == "cpu" else None
     return torch.linalg.lstsq(gram, xty[columns], driver=driver).solution
 
 
