@@ -238,19 +238,27 @@ class Tracer(TorchFunctionMode):
             self.guards[(expr, value)] = source_line()
 
     # ----------------------------------------------------------------- module hooks
+    # Hooks run with this mode lifted off the torch-function stack, so the tensor attributes they read (shapes,
+    # dtypes) do not go through __torch_function__; it stays lifted while a leaf module runs.
     def _pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        self._lift_mode()
         self._paused += 1
         try:
             self._enter_module(module, args, kwargs)
         finally:
             self._paused -= 1
+            if not self._leaf_depth:
+                self._restore_mode()
 
     def _post_hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        self._lift_mode()
         self._paused += 1
         try:
             self._exit_module(module, output)
         finally:
             self._paused -= 1
+            if not self._leaf_depth:
+                self._restore_mode()
 
     def _enter_module(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         if self._leaf_depth:
@@ -265,21 +273,21 @@ class Tracer(TorchFunctionMode):
             self._pending_leaf.append((module, self.template(args), self.template(kwargs), source_line(),
                                        torch.is_grad_enabled()))
             self._leaf_depth = 1
-            self._lift_mode()
         else:
             self._scope.append(self._module_names.get(id(module), type(module).__name__))
 
     def _lift_mode(self) -> None:
-        """Take this mode off the torch-function stack while a leaf module runs: nothing inside a leaf is recorded, and
-        every op in it would otherwise go through the mode's dispatch (most of capture's overhead on BatchNorm-heavy
-        networks). Left in place when the forward pushed a mode of its own on top."""
+        """Take this mode off the torch-function stack (for hooks and while a leaf module runs): nothing there is
+        recorded, and every op would otherwise go through the mode's dispatch (most of capture's overhead on
+        BatchNorm-heavy networks). Left in place when the forward pushed a mode of its own on top."""
         depth = torch._C._len_torch_function_stack()
         if depth and torch._C._get_function_stack_at(depth - 1) is self:
             torch._C._pop_torch_function_stack()
             self._mode_lifted = True
 
     def _restore_mode(self) -> None:
-        """Put back the mode :meth:`_lift_mode` took off (when the leaf returns, or when a failed capture stops)."""
+        """Put back the mode :meth:`_lift_mode` took off (after a hook, when a leaf returns, when a failed capture
+        stops)."""
         if self._mode_lifted:
             torch._C._push_on_torch_function_stack(self)
             self._mode_lifted = False
@@ -290,7 +298,6 @@ class Tracer(TorchFunctionMode):
             return
         if self._leaf_depth == 1:
             self._leaf_depth = 0
-            self._restore_mode()
             leaf, arg_template, kwarg_template, source, grad = self._pending_leaf.pop()
             name = self._module_names.get(id(leaf), type(leaf).__name__) or type(leaf).__name__
             self._add_node(name, leaf_type(leaf).__name__, leaf, arg_template, kwarg_template, source, output, grad)
