@@ -9,7 +9,7 @@ original's, accuracy on the test split, and the compression time. The uniform ro
 for ``1 - 1/speedup`` of its MACs; layers that cannot be decomposed keep theirs, so they land above the target.
 
 Run ``python bench/low_rank.py`` (``--help`` for settings); the table is printed and written to
-``bench/results/low_rank.md`` with an accuracy-vs-MACs plot ``bench/results/low_rank.png``.
+``bench/results/low_rank_MODEL.md`` with an accuracy-vs-MACs plot beside it (``.png``).
 """
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ from trainers.finetune import finetune  # noqa: E402
 
 VARIANTS = {"weight SVD": {"method": "weight"}, "data": {"method": "data"},
             "data, nonlinear": {"method": "data", "nonlinear_case": True}}
-DEFAULT_OUT = os.path.join(ROOT, "bench", "results", "low_rank.md")
+ALLOCATIONS = ("flops_target", "compress_ratio")
 
 
 def trained_model(args: argparse.Namespace, data) -> torch.nn.Module:
@@ -63,11 +63,14 @@ def main() -> None:
     parser.add_argument("--calibration-ratio", type=float, default=0.05, help="trainset_ratio for calibration")
     parser.add_argument("--sampled-pixels", type=int, default=10)
     parser.add_argument("--speedups", type=float, nargs="+", default=[2.0, 3.0])
+    parser.add_argument("--allocations", nargs="+", default=list(ALLOCATIONS), choices=ALLOCATIONS,
+                        help="how ranks are chosen: whole-network flops_target and/or uniform compress_ratio")
     parser.add_argument("--finetune-steps", type=int, default=0, help="SGD steps of fine-tuning after compression")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cache", default=os.path.expanduser("~/.cache/amc-bench"))
-    parser.add_argument("--out", default=DEFAULT_OUT)
+    parser.add_argument("--out", help="the table's path (default bench/results/low_rank_MODEL.md)")
     args = parser.parse_args()
+    args.out = args.out or os.path.join(ROOT, "bench", "results", f"low_rank_{args.model}.md")
 
     data = load_dataset(args.data, batch_size=64, train_limit=args.train_limit, test_limit=args.test_limit,
                         seed=args.seed)
@@ -77,7 +80,7 @@ def main() -> None:
     original_accuracy = top1_accuracy(original, data.test)
     rows = [("original", "-", 1.0, original_accuracy, None, 0.0)]
     for speedup in args.speedups:
-        for allocation in ("flops_target", "compress_ratio"):
+        for allocation in args.allocations:
             target = {"flops_target": 1 / speedup} if allocation == "flops_target" else \
                 {"compress_ratio": 1 - 1 / speedup}
             for variant, options in VARIANTS.items():
@@ -105,7 +108,8 @@ def write(args: argparse.Namespace, rows: list[tuple], original_macs: int) -> No
     """The markdown table (and plot) of ``rows``."""
     lines = [f"# Low-rank decomposition: {args.model} on {args.data}", "",
              f"`python bench/low_rank.py --model {args.model} --data {args.data} --epochs {args.epochs} "
-             f"--train-limit {args.train_limit} --test-limit {args.test_limit} --calibration-ratio "
+             f"--train-limit {args.train_limit} --test-limit {args.test_limit} --allocations "
+             f"{' '.join(args.allocations)} --calibration-ratio "
              f"{args.calibration_ratio} --sampled-pixels {args.sampled_pixels} --finetune-steps {args.finetune_steps}`"
              f"; original {original_macs:,} MACs at the captured batch; no fine-tuning unless a tuned column is "
              "given. Times on a shared 2-core CPU (noisy).", "",
