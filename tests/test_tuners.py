@@ -322,3 +322,13 @@ def test_onnxruntime_latency_timer_times_a_layer():
 
     seconds = time_onnxruntime(nn.Conv2d(8, 8, 3, padding=1).eval(), torch.randn(1, 8, 16, 16), 3)
     assert 0 < seconds < 1
+
+
+def test_bad_search_arguments_are_refused_with_the_argument_named():
+    model, data = _digits_model()
+    for options, message in ((dict(flops_target=1.5), "flops_target"), (dict(episodes=0), "episodes"),
+                             (dict(reward="speed"), "reward"), (dict(heldout_images=0), "heldout_images"),
+                             (dict(latency_target=0.5, reward="error-log-macs"), "defined on MACs"),
+                             (dict(round_to=0), "round_to"), (dict(ignore=["no.such.node"]), "ignore")):
+        with pytest.raises((CompressionError, ValueError), match=message):
+            DDPGTuner(model, data.train, data.val, **options)

@@ -124,6 +124,9 @@ class SearchTuner:
         self.target = check_ratio("latency_target" if latency_target is not None else "flops_target",
                                   latency_target if latency_target is not None else flops_target)
         self.reward_name, self.reward = reward, reward_function(reward)
+        if reward == "error-log-macs" and self.budget_kind == "latency":
+            raise CompressionError("the accuracy-guaranteed reward -error*log(MACs) is defined on MACs; use "
+                                   "reward='accuracy' with a latency_target")
         self.episodes, self.seed, self.verbose = episodes, int(seed), verbose
         self.checkpointfolder = os.fspath(checkpointfolder) if checkpointfolder is not None else None
         if self.checkpointfolder:
