@@ -134,10 +134,12 @@ def plot(args: argparse.Namespace, rows: list[tuple]) -> None:
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(figsize=(6, 4))
+    colours = {variant: f"C{index}" for index, variant in enumerate(["original", *VARIANTS])}
     for name, allocation, ratio, accuracy, _, _ in rows:
-        label = name.split(" (")[0] + ("" if allocation == "-" else f", {allocation}")
+        variant = name.split(" (")[0]
+        label = variant + ("" if allocation == "-" else f", {allocation}")
         marker = {"flops_target": "o", "compress_ratio": "s"}.get(allocation, "*")
-        axes.scatter(ratio, accuracy, marker=marker, label=label)
+        axes.scatter(ratio, accuracy, marker=marker, color=colours[variant], label=label)
     handles, labels = axes.get_legend_handles_labels()
     unique = dict(zip(labels, handles))
     axes.legend(unique.values(), unique.keys(), fontsize=7)
