@@ -43,6 +43,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--alpha", type=float, default=0.9, help="weight of the distillation loss (rest: labels)")
     parser.add_argument("--hint", nargs="*", default=[], metavar="NODE",
                         help="node names present in both networks whose features the student should match")
+    parser.add_argument("--hint-weight", type=float, default=0.1, help="weight of the feature-hint loss")
     parser.add_argument("--precision", default="fp32", choices=sorted(PRECISIONS), help="autocast precision")
     parser.add_argument("--device", default="auto",
                         help="cpu, cuda, cuda:1, ... (default auto: the accelerator when there is one)")
@@ -73,9 +74,9 @@ def finetune_command(args: argparse.Namespace) -> int:
     before = top1_accuracy(network, data.test)
     result = finetune(network, data.train, data.val, epochs=args.epochs, max_steps=args.max_steps, lr=args.lr,
                       momentum=args.momentum, weight_decay=args.weight_decay, teacher=teacher,
-                      temperature=args.temperature, alpha=args.alpha, hints=args.hint, device=args.device,
-                      precision=args.precision, checkpoints_folder=args.checkpoints, resume=args.resume,
-                      tbx_writer=args.logdir, verbose=args.verbose)
+                      temperature=args.temperature, alpha=args.alpha, hints=args.hint, hint_weight=args.hint_weight,
+                      device=args.device, precision=args.precision, checkpoints_folder=args.checkpoints,
+                      resume=args.resume, tbx_writer=args.logdir, verbose=args.verbose)
     network.eval()
     if int(os.environ.get("RANK", 0)) != 0:
         return 0

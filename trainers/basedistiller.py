@@ -117,13 +117,15 @@ class BaseDistiller(ClassificationTrainer):
     without grad, so the caller's module is never modified). Takes :class:`~trainers.basetrainer.BaseTrainer`'s
     arguments plus, keyword-only: ``teacher``, ``temperature`` (T > 0), ``alpha`` (weight of the soft loss in
     [0, 1]), ``hints`` (node names present in both networks, or ``{student_name: teacher_name}``) and
-    ``hint_weight``. The loss dict logs ``total_loss``, ``kd_loss``, ``task_loss``, ``hint_loss`` and one
+    ``hint_weight`` (raw-feature MSE runs several times the soft loss, so the default 0.1 keeps hints from
+    dominating: on digits, ResNet-20 at half its channels, one epoch from a 0.97 teacher, test top-1 was 0.67
+    fine-tuned, 0.84 distilled, 0.74 with two hints at weight 1, 0.86 at 0.1). The loss dict logs ``total_loss``, ``kd_loss``, ``task_loss``, ``hint_loss`` and one
     ``hint_<name>`` per hint; validation and best checkpoint use the student's top-1 as in
     :class:`~trainers.classification.ClassificationTrainer`.
     """
 
     def __init__(self, *args: Any, teacher: nn.Module, temperature: float = 4.0, alpha: float = 0.9,
-                 hints: Hints = (), hint_weight: float = 1.0, **kwargs: Any):
+                 hints: Hints = (), hint_weight: float = 0.1, **kwargs: Any):
         super().__init__(*args, **kwargs)
         if not isinstance(teacher, nn.Module):
             raise TypeError(f"teacher must be an nn.Module, got {type(teacher).__name__}")

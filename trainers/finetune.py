@@ -21,7 +21,8 @@ def finetune(network: nn.Module, train_loader: DataLoader, val_loader: DataLoade
              epochs: int = 1, max_steps: int | None = None, lr: float = 0.01, momentum: float = 0.9,
              weight_decay: float = 5e-4, teacher: nn.Module | None = None, temperature: float = 4.0,
              alpha: float = 0.9, device: torch.device | str | None = None, verbose: bool = False,
-             callbacks: Sequence[Callback] = (), hints: Hints = (), precision: str = "fp32",
+             callbacks: Sequence[Callback] = (), hints: Hints = (), hint_weight: float = 0.1,
+             precision: str = "fp32",
              checkpoints_folder: str | os.PathLike | None = None, resume: bool = False,
              tbx_writer: Any = None) -> dict[str, Any]:
     """Fine-tune the classifier ``network`` in place on ``(inputs, labels)`` batches and return the metrics.
@@ -29,7 +30,7 @@ def finetune(network: nn.Module, train_loader: DataLoader, val_loader: DataLoade
     Runs ``epochs`` epochs (at most ``max_steps`` optimiser steps) of SGD (``lr``, ``momentum``, ``weight_decay``)
     with the rate annealed to zero by a per-step cosine. With ``teacher`` (the original network) the loss is
     ``alpha`` times the temperature-``temperature`` logit distillation loss plus ``1 - alpha`` times cross-entropy,
-    plus feature ``hints`` (node names shared by both networks). ``device`` is where to train (``None``: where the
+    plus ``hint_weight`` times the MSE of feature ``hints`` (node names shared by both networks). ``device`` is where to train (``None``: where the
     network is; ``"auto"``: the accelerator when there is one); ``precision`` is ``"fp32"``, ``"bf16"`` or
     ``"fp16"``. ``callbacks`` see every step (:class:`~trainers.callbacks.Callback`; re-apply a pruning mask in
     ``on_batch_end``). ``checkpoints_folder``
@@ -49,7 +50,7 @@ def finetune(network: nn.Module, train_loader: DataLoader, val_loader: DataLoade
                                    scheduler_interval="step", verbose=verbose)
     if teacher is not None:
         trainer: ClassificationTrainer = BaseDistiller(**options, teacher=teacher, temperature=temperature,
-                                                       alpha=alpha, hints=hints)
+                                                       alpha=alpha, hints=hints, hint_weight=hint_weight)
     elif hints:
         raise ValueError("feature hints need a teacher")
     else:
