@@ -212,7 +212,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cache", default=DEFAULT_CACHE)
     parser.add_argument("--out", default=DEFAULT_OUT)
-    parser.add_argument("--only-train", action="store_true", help="train (and cache) the base models, then stop")
+    parser.add_argument("--only-train", action="store_true",
+                        help="train (and cache) the base models (and time DDPG with --timing-episodes), then stop")
     parser.add_argument("--timing-episodes", type=int, default=0,
                         help="also time this many DDPG episodes on ResNet-20 (wall and CPU seconds per episode)")
     parser.add_argument("--verbose", action="store_true")
@@ -228,15 +229,15 @@ def main(argv: list[str] | None = None) -> int:
         originals[name] = {"heldout": top1_accuracy(model, data.val, limit=args.heldout),
                            "test": top1_accuracy(model, data.test)}
         print(name, originals[name], flush=True)
-        if args.only_train:
-            continue
-        args.model_name = name
         timings = load_rows(os.path.join(args.cache, "timing.json")) or {}
         key = f"{args.heldout} + {args.calibration}"
         if args.timing_episodes and name == "resnet20" and key not in timings:
             timings[key] = time_ddpg(model, data, args)
             print("timing", timings[key], flush=True)
             save_rows(os.path.join(args.cache, "timing.json"), timings)
+        if args.only_train:
+            continue
+        args.model_name = name
         for target in args.targets:
             for compressor in args.compressors:
                 for method in args.methods:
