@@ -280,7 +280,8 @@ def main() -> None:
     text = report(results, vgg16, args, time.perf_counter() - started)
     write_atomically(args.out, text + "\n")
     print(text)
-    print(f"plot: {plot(results, os.path.splitext(args.out)[0] + '.png')}")
+    if results:
+        print(f"plot: {plot(results, os.path.splitext(args.out)[0] + '.png')}")
 
 
 if __name__ == "__main__":
