@@ -70,8 +70,13 @@ def config_expressible_plan(model: nn.Module, rnet, plan: Mapping[Any, Iterable[
     """
     graph = dependency_graph(rnet)
     by_id = {g.id: g for g in graph.groups}
-    requested = {by_id[key.id if isinstance(key, ChannelGroup) else key]: list(indices)
-                 for key, indices in plan.items()}
+    requested = {}
+    for key, indices in plan.items():
+        group = by_id.get(key.id if isinstance(key, ChannelGroup) else key)
+        if group is None or (isinstance(key, ChannelGroup) and group is not key):
+            raise PruningError(f"{key!r} is not a channel group of this network (take groups from its "
+                               "channel_groups())")
+        requested[group] = list(indices)
     fit = _PlanFit(_Tensors(model, model_submodule(model, root), rnet, root), graph)
     units: list[dict[ChannelGroup, list[int]]] = []
     excluded: dict[ChannelGroup, str] = {}

@@ -556,3 +556,14 @@ def test_per_stage_widths_of_a_wrapped_convnext_are_fitted_into_its_hidden_sizes
     other = torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         _assert_close(loaded(other).logits, rnet.prune_channels(plan)(other))
+
+
+def test_config_expressible_plan_refuses_a_group_of_another_network():
+    from graph.config_plan import config_expressible_plan
+
+    model = hf_models.llama("eager")
+    ids, _ = hf_models.token_inputs(2, 8, padded=False)
+    rnet, other = capture(model, ids, use_cache=False), capture(hf_models.llama("eager"), ids, use_cache=False)
+    foreign = next(g for g in other.channel_groups() if g.prunable)
+    with pytest.raises(PruningError, match="is not a channel group of this network"):
+        config_expressible_plan(model, rnet, {foreign: [0]})
