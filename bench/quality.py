@@ -3,10 +3,11 @@
 Networks (ResNet-20, a small VGG and the residual + concat CNN of ``amc.models``) are trained on a subset of
 Fashion-MNIST (checkpoints cached in ``~/.cache/amc-bench``, outside git), then compressed to 2x and 3x fewer MACs
 by every method in :data:`METHODS`: ChannelPruning, LowRankDecomposition (weight SVD, data-driven, nonlinear), our
-L1 (with and without BatchNorm recalibration), random, and Torch-Pruning 1.6's MagnitudePruner brought to the same
-MACs by bisecting its ratio. Each is evaluated on the test split without fine-tuning and after one epoch of the same
-fine-tuning (:func:`trainers.finetune`, labels only); the compression time is measured. A last section times
-ChannelPruning on a VGG-16-size network on 32x32 inputs.
+L1 (with and without BatchNorm recalibration), random, our iterative Taylor pruning, and Torch-Pruning 1.6's
+MetaPruner with its magnitude and Taylor importances, brought to the same MACs by bisecting its ratio. Each is
+evaluated on the test split without fine-tuning and after one epoch of the same fine-tuning (:func:`trainers.finetune`, labels only); the compression time is measured. A last section times
+ChannelPruning on a VGG-16-size network on 32x32 inputs. Unstructured magnitude pruning (one-shot against Zhu &
+Gupta's gradual schedule during the same fine-tuning) is reported as accuracy against sparsity.
 
 ``python bench/quality.py`` writes ``bench/results/quality.md`` and ``quality.png``. Not a test.
 """
@@ -69,33 +70,57 @@ def _weight_norm(importance: str, recalibrate: bool) -> Method:
     return run
 
 
-def _torch_pruning(origin: ReconstructedNetwork, model: nn.Module, data: DataSplits, target: float,
-                   args: argparse.Namespace) -> nn.Module:
-    """Torch-Pruning 1.6 MagnitudePruner (L2 group magnitude, final Linear ignored) on a copy of the user's model,
-    its uniform ratio bisected until our MACs count is at most the target."""
-    import torch_pruning as tp
+def _torch_pruning(importance: str) -> Method:
+    """Torch-Pruning 1.6's MetaPruner with its ``magnitude`` (L2 group magnitude) or ``taylor`` importance (gradients
+    of the cross-entropy over the calibration batches) on a copy of the user's model, final Linear ignored, its
+    uniform ratio bisected until our MACs count is at most the target."""
 
-    example = next(iter(data.test))[0][:1]
-    budget = multiply_adds(origin) * target
+    def run(origin: ReconstructedNetwork, model: nn.Module, data: DataSplits, target: float,
+            args: argparse.Namespace) -> nn.Module:
+        import torch_pruning as tp
 
-    def pruned_at(ratio: float) -> nn.Module:
-        copy_ = copy.deepcopy(model).eval()
-        last = [m for m in copy_.modules() if isinstance(m, nn.Linear)][-1]
-        tp.pruner.MagnitudePruner(copy_, example, importance=tp.importance.MagnitudeImportance(p=2),
-                                  pruning_ratio=ratio, ignored_layers=[last]).step()
-        return copy_
+        example = next(iter(data.test))[0][:1]
+        budget = multiply_adds(origin) * target
 
-    low, high, best = 0.0, 0.95, None
-    for _ in range(10):
-        ratio = (low + high) / 2
-        candidate = pruned_at(ratio)
-        if multiply_adds(capture(candidate, example)) <= budget:
-            best, high = candidate, ratio
-        else:
-            low = ratio
-    if best is None:
-        raise RuntimeError("Torch-Pruning could not reach the MACs target")
-    return best
+        def pruned_at(ratio: float) -> nn.Module:
+            copy_ = copy.deepcopy(model).eval()
+            last = [m for m in copy_.modules() if isinstance(m, nn.Linear)][-1]
+            scorer = (tp.importance.TaylorImportance() if importance == "taylor"
+                      else tp.importance.MagnitudeImportance(p=2))
+            pruner = tp.pruner.MetaPruner(copy_, example, importance=scorer, pruning_ratio=ratio,
+                                          ignored_layers=[last])
+            if importance == "taylor":
+                copy_.zero_grad()
+                for index, (images, labels) in enumerate(data.train):
+                    if index >= args.taylor_batches:
+                        break
+                    F.cross_entropy(copy_(images), labels).backward()
+            pruner.step()
+            return copy_
+
+        low, high, best = 0.0, 0.95, None
+        for _ in range(10):
+            ratio = (low + high) / 2
+            candidate = pruned_at(ratio)
+            if multiply_adds(capture(candidate, example)) <= budget:
+                best, high = candidate, ratio
+            else:
+                low = ratio
+        if best is None:
+            raise RuntimeError("Torch-Pruning could not reach the MACs target")
+        return best
+
+    return run
+
+
+def _taylor(origin: ReconstructedNetwork, model: nn.Module, data: DataSplits, target: float,
+            args: argparse.Namespace) -> nn.Module:
+    """Our TaylorPruning: ``--taylor-rounds`` rounds of global Taylor ranking to the MACs target, without fine-tuning
+    between rounds (every method gets the same fine-tuning afterwards)."""
+    from compressors import TaylorPruning
+
+    return TaylorPruning(origin, data.train, flops_target=target, steps=args.taylor_rounds, finetune_steps=0,
+                         taylor_batches=args.taylor_batches).compress()
 
 
 METHODS: dict[str, Method] = {
@@ -106,7 +131,9 @@ METHODS: dict[str, Method] = {
     "our L1": _weight_norm("l1", recalibrate=False),
     "our L1 + BN recalibration": _weight_norm("l1", recalibrate=True),
     "random": _weight_norm("random", recalibrate=False),
-    "Torch-Pruning 1.6 magnitude": _torch_pruning,
+    "Taylor (ours)": _taylor,
+    "Torch-Pruning 1.6 magnitude": _torch_pruning("magnitude"),
+    "Torch-Pruning 1.6 Taylor": _torch_pruning("taylor"),
 }
 
 
@@ -158,6 +185,36 @@ def evaluate_method(method: str, origin: ReconstructedNetwork, model: nn.Module,
     return row
 
 
+def sparsity_rows(origin: ReconstructedNetwork, data: DataSplits, args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Unstructured L1 magnitude pruning at each of ``--sparsities``: one-shot (masks, then the fine-tuning epoch)
+    against gradual (Zhu & Gupta's cubic schedule rising to the sparsity over the first three quarters of the same
+    fine-tuning steps); test accuracy before and after, and the sparsity the masks really have."""
+    from compressors import MagnitudePruning
+    from compressors.schedules import CubicSchedule, GradualPruning
+    from compressors.sparsity_report import sparsity_report
+
+    steps = len(args.finetune_loader) * args.finetune_epochs
+    rows = []
+    for sparsity in args.sparsities:
+        for mode in ("one-shot", "gradual (cubic)"):
+            torch.manual_seed(0)
+            pruner = MagnitudePruning(origin, data.train, sparsity=sparsity)
+            if mode == "one-shot":
+                network, callbacks = pruner.compress(), []
+            else:
+                network = copy.deepcopy(pruner.origin_net)
+                schedule = CubicSchedule(0, max(1, 3 * steps // 4), frequency=max(1, steps // 20))
+                callbacks = [GradualPruning(pruner, network, schedule)]
+            row = {"mode": mode, "sparsity": sparsity, "top1": top1_accuracy(network, data.test)}
+            finetune(network, args.finetune_loader, epochs=args.finetune_epochs, lr=0.01, callbacks=callbacks)
+            row.update(top1_finetuned=top1_accuracy(network.eval(), data.test),
+                       measured=sparsity_report(network).sparsity)
+            print(f"  magnitude {mode:16s} sparsity {row['measured']:.3f}  top-1 {row['top1']:.4f} -> "
+                  f"{row['top1_finetuned']:.4f}", flush=True)
+            rows.append(row)
+    return rows
+
+
 def vgg16_timing(args: argparse.Namespace) -> dict[str, Any]:
     """ChannelPruning of a CIFAR-style VGG-16 (13 conv-BN-ReLU, 512-wide head, 15M parameters) to half its MACs on
     Fashion-MNIST images padded to 32x32; random weights (only the time is measured)."""
@@ -204,6 +261,16 @@ def report(results: dict[str, dict[str, Any]], vgg16: dict[str, Any] | None, arg
                          f"{row['params_ratio']:.3f} | {row['top1']:.4f} | {row['top1_finetuned']:.4f} | "
                          f"{row['seconds']:.1f} |")
         lines.append("")
+        if result.get("sparsity_rows"):
+            lines += [f"### {name}: unstructured magnitude pruning (accuracy against sparsity)", "",
+                      "Conv and Linear weights, L1, local; the same fine-tuning as above. One-shot prunes first; "
+                      "gradual raises the sparsity along the cubic schedule during the fine-tuning (its 'no "
+                      "fine-tuning' column is the dense network). Sparsity does not reduce MACs.", "",
+                      "| schedule | sparsity asked | sparsity measured | top-1, no fine-tuning | top-1, fine-tuned |",
+                      "| --- | --- | --- | --- | --- |"]
+            lines += [f"| {row['mode']} | {row['sparsity']:.2f} | {row['measured']:.3f} | {row['top1']:.4f} | "
+                      f"{row['top1_finetuned']:.4f} |" for row in result["sparsity_rows"]]
+            lines.append("")
     if vgg16:
         lines += ["## ChannelPruning time on a VGG-16-size network", "",
                   f"CIFAR-style VGG-16 ({vgg16['params'] / 1e6:.1f} M parameters), 32x32 inputs, "
@@ -222,7 +289,7 @@ def plot(results: dict[str, dict[str, Any]], path: str) -> str:
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(2, len(results), figsize=(5 * len(results), 8), squeeze=False)
-    markers = dict(zip(METHODS, "os^vDdxP"))
+    markers = dict(zip(METHODS, "os^vDdxP*hX<>"))
     for column, (name, result) in enumerate(results.items()):
         for row_index, (key, title) in enumerate((("top1", "no fine-tuning"), ("top1_finetuned", "1 epoch"))):
             axis = axes[row_index][column]
@@ -257,6 +324,10 @@ def main() -> None:
     parser.add_argument("--finetune-epochs", type=int, default=1)
     parser.add_argument("--test-limit", type=int, default=1000)
     parser.add_argument("--calibration-ratio", type=float, default=0.25)
+    parser.add_argument("--taylor-batches", type=int, default=8, help="training batches Taylor importances use")
+    parser.add_argument("--taylor-rounds", type=int, default=3, help="rounds of our iterative Taylor pruning")
+    parser.add_argument("--sparsities", nargs="*", type=float, default=[0.5, 0.8, 0.9],
+                        help="unstructured magnitude pruning rows (none: skip them)")
     parser.add_argument("--vgg16-images", type=int, default=512, help="calibration images of the VGG-16 timing "
                                                                       "(0 skips it)")
     parser.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "quality.md"))
@@ -276,6 +347,7 @@ def main() -> None:
         for speedup in args.speedups:
             for method in args.methods:
                 results[name]["rows"].append(evaluate_method(method, origin, model, data, speedup, args))
+        results[name]["sparsity_rows"] = sparsity_rows(origin, data, args)
     vgg16 = vgg16_timing(args) if args.vgg16_images else None
     text = report(results, vgg16, args, time.perf_counter() - started)
     write_atomically(args.out, text + "\n")
