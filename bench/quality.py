@@ -5,7 +5,8 @@ Fashion-MNIST (checkpoints cached in ``~/.cache/amc-bench``, outside git), then 
 by every method in :data:`METHODS`: ChannelPruning, LowRankDecomposition (weight SVD, data-driven, nonlinear), our
 L1 (with and without BatchNorm recalibration), random, our iterative Taylor pruning, and Torch-Pruning 1.6's
 MetaPruner with its magnitude and Taylor importances, brought to the same MACs by bisecting its ratio. Each is
-evaluated on the test split without fine-tuning and after one epoch of the same fine-tuning (:func:`trainers.finetune`, labels only); the compression time is measured. A last section times
+evaluated on the test split without fine-tuning and after one epoch of the same fine-tuning
+(:func:`trainers.finetune`, labels only); the compression time is measured. A last section times
 ChannelPruning on a VGG-16-size network on 32x32 inputs. Unstructured magnitude pruning (one-shot against Zhu &
 Gupta's gradual schedule during the same fine-tuning) is reported as accuracy against sparsity.
 
