@@ -348,6 +348,7 @@ def main() -> None:
         for speedup in args.speedups:
             for method in args.methods:
                 results[name]["rows"].append(evaluate_method(method, origin, model, data, speedup, args))
+                write_atomically(args.out, report(results, None, args, time.perf_counter() - started) + "\n")
         results[name]["sparsity_rows"] = sparsity_rows(origin, data, args)
     vgg16 = vgg16_timing(args) if args.vgg16_images else None
     text = report(results, vgg16, args, time.perf_counter() - started)
