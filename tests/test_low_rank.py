@@ -4,6 +4,7 @@ decomposed network as a first-class ReconstructedNetwork (save/load, ONNX, pruni
 from __future__ import annotations
 
 import copy
+import json
 import shutil
 
 import numpy as np
@@ -242,9 +243,16 @@ def test_accuracy_first_raises_the_rank_of_a_layer_that_drops_below_the_threshol
 
 
 def test_decomposed_network_saves_loads_exports_onnx_draws_and_prunes(trained_resnet, digits, tmp_path):
-    network = LowRankDecomposition(trained_resnet, digits.train, compress_ratio=0.5, method="weight").compress()
+    compressor = LowRankDecomposition(trained_resnet, digits.train, compress_ratio=0.5, method="weight",
+                                      checkpointfolder=tmp_path / "checkpoint")
+    network = compressor.compress()
     images = next(iter(digits.test))[0][:4]
     expected = network(images)
+    log = json.loads((tmp_path / "checkpoint" / "compress_log.json").read_text())
+    assert {entry["node"] for entry in log["layers"] if "node" in entry} == set(compressor.candidates)
+    assert log["macs_after"] == network.flops().total_macs < log["macs_before"]
+    torch.testing.assert_close(graph.serialization.load(str(tmp_path / "checkpoint" / "compressed.pkl"))(images),
+                               expected)
     for path in (network.save(pkl=str(tmp_path / "n.pkl")), network.save_to_json(file=str(tmp_path / "n.json")),
                  network.save_to_vnmodel(pkl=str(tmp_path / "n.vnmodel"), model_base_size_hw=(8, 8))):
         torch.testing.assert_close(graph.serialization.load(path)(images), expected)
