@@ -20,12 +20,13 @@ SAVED_SUFFIXES = (".pkl", ".pt", ".json", ".vnmodel")
 COMMAND_MODULES: tuple[str, ...] = ("amc.compress_command", "amc.finetune_command", "amc.search_command")
 
 
-def load_network(model: str, input_size: tuple[int, ...]):
-    """A saved network file, or the torchvision model of that name (random weights) captured at ``input_size``."""
+def load_network(model: str, input_size: tuple[int, ...], unchecked: bool = False):
+    """A saved network file, or the torchvision model of that name (random weights) captured at ``input_size``;
+    ``unchecked`` loads a hand-edited ``.json`` without its digests."""
     if os.path.exists(model):
         from graph.serialization import load
 
-        return load(model)
+        return load(model, unchecked=unchecked)
     if model.lower().endswith(SAVED_SUFFIXES) or os.sep in model:
         raise FileNotFoundError(f"file not found: {model}")
     import torchvision
@@ -67,7 +68,7 @@ def _input_size(text: str) -> tuple[int, ...]:
 
 def inspect_command(args: argparse.Namespace) -> int:
     """Print every node (name, op, output shape, parameters, MACs) with totals; draw the graph with ``--draw``."""
-    rnet = load_network(args.model, args.input_size)
+    rnet = load_network(args.model, args.input_size, args.unchecked)
     print(rnet.flops())
     if args.draw:
         print(f"graph drawn to {rnet.draw(args.draw)}")
@@ -93,7 +94,7 @@ def prune_command(args: argparse.Namespace) -> int:
     if args.output:
         writer_for(args.output)
         check_output_path(args.output)
-    rnet = load_network(args.model, args.input_size)
+    rnet = load_network(args.model, args.input_size, args.unchecked)
     options = dict(importance=args.importance, round_to=args.round_to, global_ranking=args.global_ranking,
                    ignore=args.ignore)
     if args.flops_target is not None:
@@ -126,12 +127,14 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, help="seed Python, numpy and torch (random models, data order)")
     commands = parser.add_subparsers(dest="command", required=True)
     model_help = "torchvision model name (random weights) or saved network (.pkl/.json/.vnmodel)"
+    unchecked_help = "load a hand-edited .json without checking its digests (the schema is still checked)"
     size_help = "example input shape for a torchvision model, batch dim included, comma-separated (N,C,H,W)"
 
     inspect = commands.add_parser("inspect", help="print a network's node table (op, shape, params, MACs)")
     inspect.add_argument("model", help=model_help)
     inspect.add_argument("--input-size", type=_input_size, default=(1, 3, 224, 224), help=size_help)
     inspect.add_argument("--draw", metavar="PATH", help="also draw the graph (.svg, .pdf, .png or .dot)")
+    inspect.add_argument("--unchecked", action="store_true", help=unchecked_help)
     inspect.set_defaults(run=inspect_command)
 
     prune = commands.add_parser("prune", help="remove channels and save the smaller network")
@@ -144,6 +147,7 @@ def _parser() -> argparse.ArgumentParser:
     prune.add_argument("--round-to", type=int, help="keep channel counts at multiples of this")
     prune.add_argument("--global-ranking", action="store_true", help="rank channels across groups")
     prune.add_argument("--ignore", nargs="*", default=[], metavar="NODE", help="node names whose groups stay intact")
+    prune.add_argument("--unchecked", action="store_true", help=unchecked_help)
     prune.add_argument("--max-groups", type=int, default=40, help="rows of the group table to print")
     prune.add_argument("-o", "--output", help="where to save the pruned network (.pkl, .json or .vnmodel)")
     prune.set_defaults(run=prune_command)
