@@ -143,7 +143,7 @@ def table(rows: list[dict[str, Any]], originals: dict[str, dict[str, float]], ti
              f"search method (GA population {args.population}; DDPG warm-up {max(1, args.episodes // 3)}); "
              f"fine-tuning {args.finetune_steps} SGD steps (lr 0.01, cosine) for every row; test = first "
              f"{args.test_limit} test images. One process, 1 thread, on a machine shared with other jobs: seconds "
-             "are noisy.", "",
+             f"are noisy. {args.note}".rstrip(), "",
              "| model | MACs target | compressor | method | MACs kept | held-out | test | held-out FT | test FT | "
              "evaluations | search s | s/episode |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
@@ -214,6 +214,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=DEFAULT_OUT)
     parser.add_argument("--only-train", action="store_true",
                         help="train (and cache) the base models (and time DDPG with --timing-episodes), then stop")
+    parser.add_argument("--report-only", action="store_true",
+                        help="only write the table and plot from the rows already in --cache")
+    parser.add_argument("--note", default="", help="a sentence added to the report's header")
     parser.add_argument("--timing-episodes", type=int, default=0,
                         help="also time this many DDPG episodes on ResNet-20 (wall and CPU seconds per episode)")
     parser.add_argument("--verbose", action="store_true")
@@ -235,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
             timings[key] = time_ddpg(model, data, args)
             print("timing", timings[key], flush=True)
             save_rows(os.path.join(args.cache, "timing.json"), timings)
-        if args.only_train:
+        if args.only_train or args.report_only:
             continue
         args.model_name = name
         for target in args.targets:
