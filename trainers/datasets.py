@@ -119,11 +119,12 @@ def load_foreground_segmentation(name: str = "fashion-mnist", batch_size: int = 
 
 def load_dataset(name: str, batch_size: int = 64, val_fraction: float = 0.1, seed: int = 0,
                  train_limit: int | None = None, test_limit: int | None = None,
-                 eval_batch_size: int | None = None) -> DataSplits:
+                 eval_batch_size: int | None = None, val_limit: int | None = None) -> DataSplits:
     """The named dataset (one of ``DATASETS``) as shuffled train, held-out val and test loaders.
 
-    ``val_fraction`` of the training images (chosen with ``seed``) form ``val``; ``train_limit`` and ``test_limit``
-    keep only the first so many of the remaining training and the test images (for quick runs).
+    ``val_fraction`` of the training images (chosen with ``seed``) form ``val``; ``train_limit``, ``val_limit`` and
+    ``test_limit`` keep only the first so many of the remaining training, the held-out and the test images (for
+    quick runs).
     """
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; choose one of {sorted(DATASETS)}")
@@ -134,7 +135,7 @@ def load_dataset(name: str, batch_size: int = 64, val_fraction: float = 0.1, see
     train_x, train_y, test_x, test_y = DATASETS[name]()
     order = np.random.default_rng(seed).permutation(len(train_y))
     cut = int(round(len(order) * val_fraction))
-    val_index, train_index = order[:cut], order[cut:][:train_limit]
+    val_index, train_index = order[:cut][:val_limit], order[cut:][:train_limit]
     eval_batch_size = eval_batch_size or max(batch_size, 256)
     generator = torch.Generator().manual_seed(seed)
 
