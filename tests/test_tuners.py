@@ -332,3 +332,19 @@ def test_bad_search_arguments_are_refused_with_the_argument_named():
                              (dict(round_to=0), "round_to"), (dict(ignore=["no.such.node"]), "ignore")):
         with pytest.raises((CompressionError, ValueError), match=message):
             DDPGTuner(model, data.train, data.val, **options)
+
+
+def test_baselines_probe_one_group_at_a_time_and_keep_every_policy_within_the_budget():
+    from compressors.tuners import RandomSearchTuner, SensitivityTuner
+
+    model, data = _digits_model()
+    options = dict(flops_target=0.5, round_to=4, heldout_images=128, calibration_images=64)
+    sensitivity = SensitivityTuner(model, data.train, data.val, levels=(0.25, 0.5), **options)
+    result = sensitivity.search()
+    sizes = [unit.size for unit in sensitivity.units]
+    probes = result.history[:-1]
+    assert len(probes) == 2 * len(sizes)
+    assert all(sum(k < s for k, s in zip(e.keeps, sizes)) == 1 for e in probes)
+    assert result.best is result.history[-1] and result.best.cost_ratio <= 0.5
+    random = RandomSearchTuner(model, data.train, data.val, episodes=5, **options).search()
+    assert all(e.cost_ratio <= 0.5 for e in random.history) and random.evaluations == 5
