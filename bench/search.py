@@ -36,7 +36,7 @@ from trainers import finetune  # noqa: E402
 from trainers.datasets import load_dataset  # noqa: E402
 
 MODELS = ("resnet20", "mobilenet-v2-small")
-DEFAULT_CACHE = os.path.join(ROOT, "bench", ".cache", "search")
+DEFAULT_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "amc-compress", "bench-search")
 DEFAULT_OUT = os.path.join(ROOT, "bench", "results", "search.md")
 
 
