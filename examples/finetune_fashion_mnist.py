@@ -21,7 +21,7 @@ import torch.optim as optim
 
 from amc.models import build_model
 from compressors import ChannelPruning
-from compressors.base import top1_accuracy
+from compressors.base import batch_inputs, recalibrate_batchnorm, top1_accuracy
 from graph import capture
 from graph.pruning import multiply_adds
 from trainers import BaseDistiller, ClassificationTrainer
@@ -109,6 +109,9 @@ def main() -> None:
     trainer = make_trainer(FashionMNISTTrainer, network, data, args, "original", args.learning_rate)
     trainer.__run__(stop_lr=1e-6, resume=args.resume)
     original = capture(network.cpu().eval(), next(iter(data.test))[0][:1])
+    # A few epochs leave BatchNorm's running statistics behind the weights; re-estimating them makes the original
+    # (and so the teacher) as good as its weights allow.
+    recalibrate_batchnorm(original, (batch_inputs(batch) for batch in data.train))
 
     compressor = ChannelPruning(original, data.train, data.val, trainset_ratio=0.1, flops_target=args.flops_target)
     compressed = compressor.compress()
