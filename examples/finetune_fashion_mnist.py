@@ -8,6 +8,11 @@ tensorboardX under ``--checkpoints_folder/<run_name>/<stage>`` and keeps ``lates
     python examples/finetune_fashion_mnist.py --train_limit 12000 --epochs 3
     torchrun --nproc_per_node=2 examples/finetune_fashion_mnist.py --train_limit 12000 --epochs 3
     python examples/finetune_fashion_mnist.py --train_limit 2000 --test_limit 2000 --val_fraction 0.02 --epochs 1
+
+Measured (``OMP_NUM_THREADS=1``, ``--train_limit 8000 --test_limit 2000 --val_fraction 0.02 --epochs 3``, 11 min on
+a loaded 2-core machine), test top-1: original 0.8205, compressed to half the MACs 0.8240, fine-tuned 0.8415,
+distilled 0.8140. A 3-epoch original is no better a teacher than the fine-tuned student, so distillation does not
+pay here; it does with a stronger teacher (``tests/test_distillation.py``).
 """
 from __future__ import annotations
 
