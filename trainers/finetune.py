@@ -4,8 +4,6 @@ learning rate, optionally distilling from the original network (the teacher), on
 from __future__ import annotations
 
 import os
-import sys
-import types
 from typing import Any, Sequence
 
 import torch
@@ -59,14 +57,3 @@ def finetune(network: nn.Module, train_loader: DataLoader, val_loader: DataLoade
     summary = trainer.run(resume=resume)
     summary["steps"] = summary["global_step"]
     return summary
-
-
-class _CallableModule(types.ModuleType):
-    """This module, callable as :func:`finetune`: importing ``trainers.finetune`` binds the package attribute
-    ``trainers.finetune`` to the module, and the contract is that ``trainers.finetune(...)`` fine-tunes."""
-
-    def __call__(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
-        return finetune(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
