@@ -121,7 +121,7 @@ def compress_command(args: argparse.Namespace) -> int:
             raise FileExistsError(f"--output must be a directory, and {args.output} is a file")
         check_output_path(os.path.normpath(args.output))
     data = load_dataset(args.data, batch_size=args.batch_size, train_limit=args.train_limit)
-    original = _original_network(args, data)
+    original = original_network(args, data)
     original_accuracy = _accuracy(original, data.test)
     started = time.perf_counter()
     compressed = METHODS[args.method](original, data, args)
@@ -146,7 +146,7 @@ def compress_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def _original_network(args: argparse.Namespace, data: Any) -> ReconstructedNetwork:
+def original_network(args: argparse.Namespace, data: Any) -> ReconstructedNetwork:
     """The built-in model trained on the data (or the saved network, trained further only when asked), captured."""
     from amc.models import MODELS, build_model
     from graph import capture

@@ -72,7 +72,7 @@ def search_command(args: argparse.Namespace) -> int:
     """Run the search, print the per-group ratios and before/after MACs and accuracy, save when asked."""
     import compressors.tuners as tuners
     from amc.cli import check_output_path
-    from amc.compress_command import _original_network
+    from amc.compress_command import original_network
     from compressors.base import top1_accuracy
     from graph.pruning import multiply_adds
     from graph.serialization import save, writer_for
@@ -84,7 +84,7 @@ def search_command(args: argparse.Namespace) -> int:
     if args.episodes < 1:
         raise ValueError(f"--episodes must be positive, got {args.episodes}")
     data = load_dataset(args.data, batch_size=args.batch_size, train_limit=args.train_limit)
-    original = _original_network(args, data)
+    original = original_network(args, data)
     options: dict[str, Any] = dict(
         compressor=args.compressor, episodes=args.episodes, seed=args.seed or 0,
         checkpointfolder=args.checkpoint_folder, verbose=args.verbose, latency_target=args.latency_target,
