@@ -26,8 +26,9 @@ _MISSING = object()
 SPECIAL_AT_SIZE_ONE = "special_at_size_one"  # input-node meta: the forward computes otherwise when its size-1 dims grow
 
 
-class _Run:
-    """State of one replay: computed values, the training flag and the input device."""
+class ReplayState:
+    """State of one replay: computed values (``env``, by node index), the training flag and the input device; what
+    compiled argument templates read (:func:`compile_template`)."""
 
     __slots__ = ("env", "context")
 
@@ -45,7 +46,7 @@ class _Run:
         return symbolic.evaluate(expr, self.resolve, self.context)
 
 
-def compile_template(template: Any) -> Callable[[_Run], Any]:
+def compile_template(template: Any) -> Callable[[ReplayState], Any]:
     """A function that fills ``template`` in from a run's values."""
     if not is_dynamic(template):
         return lambda run: template
@@ -318,7 +319,7 @@ class ReconstructedNetwork(nn.Module):
 
     def _execute(self, args: tuple, kwargs: dict, observer: Callable | None) -> Any:
         program, initial_checks, output = self._program or self._compile()
-        run = _Run(len(self.graph_nodes), self.training, None)
+        run = ReplayState(len(self.graph_nodes), self.training, None)
         self._bind_inputs(run, args, kwargs)
         self._check(run, initial_checks)
         env = run.env
@@ -352,7 +353,7 @@ class ReconstructedNetwork(nn.Module):
                 env[j] = None
         return output(run)
 
-    def _bind_inputs(self, run: _Run, args: tuple, kwargs: dict) -> None:
+    def _bind_inputs(self, run: ReplayState, args: tuple, kwargs: dict) -> None:
         try:
             bound = self.signature.bind(*args, **kwargs).arguments
         except TypeError as error:
@@ -374,7 +375,7 @@ class ReconstructedNetwork(nn.Module):
         if run.context["device"] is None:
             run.context["device"] = self._device()
 
-    def _check(self, run: _Run, checks: Iterable[tuple]) -> None:
+    def _check(self, run: ReplayState, checks: Iterable[tuple]) -> None:
         for expr, expected, source in checks:
             value = run.evaluate(expr)
             if value != expected:

@@ -16,27 +16,8 @@ import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from compressors.base import CompressionError, batch_inputs, to_device
-from graph import symbolic
 from graph.ir import iter_refs
-from graph.network import compile_template
-
-
-class _Values:
-    """The node values of one suffix run, in the form the network's compiled templates read them."""
-
-    __slots__ = ("env", "context")
-
-    def __init__(self, env: list[Any], context: dict):
-        self.env, self.context = env, context
-
-    def resolve(self, ref) -> Any:
-        value = self.env[ref.index]
-        for key in ref.path:
-            value = value[key]
-        return value
-
-    def evaluate(self, expr: Any) -> Any:
-        return symbolic.evaluate(expr, self.resolve, self.context)
+from graph.network import ReplayState, compile_template
 
 
 class SuffixProgram:
@@ -76,10 +57,10 @@ class SuffixProgram:
 
     def run(self, values: dict[int, Any]) -> Any:
         """The network's output, running only the suffix from the cached prefix ``values``."""
-        env: list[Any] = [None] * self.size
+        run = ReplayState(self.size, self.rnet.training, None)
+        env = run.env
         for index, value in values.items():
             env[index] = value
-        run = _Values(env, {"training": self.rnet.training, "device": None})
         for index, module, args, kwargs in self.steps:
             env[index] = module(*args(run), **kwargs(run))
         return self.output(run)
