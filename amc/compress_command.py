@@ -79,31 +79,37 @@ def _fraction(text: str) -> float:
     return value
 
 
-def register(commands: argparse._SubParsersAction) -> None:
-    """Add ``amc compress`` to the ``amc`` subcommands."""
+def add_network_arguments(parser: argparse.ArgumentParser) -> None:
+    """The arguments :func:`original_network` and the data loading read: ``--model``, ``--data``,
+    ``--train-epochs``, ``--train-limit``, ``--batch-size`` (shared by ``amc compress`` and ``amc search``)."""
     from amc.models import MODELS
     from trainers.datasets import DATASETS
 
-    parser = commands.add_parser(
-        "compress", help="train or load a network, compress it, fine-tune, print before/after and save",
-        description="Capture -> compress -> fine-tune -> report -> save. With no arguments: a small CNN trained "
-                    "for a few seconds on digits, compressed 2x with channel pruning.")
     parser.add_argument("--model", default="residual-concat",
                         help=f"built-in network ({', '.join(sorted(MODELS))}), trained here on --data, or a saved "
                              "network (.pkl/.json/.vnmodel) taking the data's images")
     parser.add_argument("--data", default="digits", choices=sorted(DATASETS), help="dataset (offline)")
-    parser.add_argument("--method", default="channel-pruning", choices=sorted(METHODS), help="compressor")
-    parser.add_argument("--speedup", type=_speedup, default=2.0, help="MACs reduction factor (2 = half the MACs)")
     parser.add_argument("--train-epochs", type=int, help="epochs to train a built-in network first "
                                                          "(default 3; 0 for a saved network)")
     parser.add_argument("--train-limit", type=int, help="use only this many training images (quick runs)")
+    parser.add_argument("--batch-size", type=int, default=64, help="training batch size")
+
+
+def register(commands: argparse._SubParsersAction) -> None:
+    """Add ``amc compress`` to the ``amc`` subcommands."""
+    parser = commands.add_parser(
+        "compress", help="train or load a network, compress it, fine-tune, print before/after and save",
+        description="Capture -> compress -> fine-tune -> report -> save. With no arguments: a small CNN trained "
+                    "for a few seconds on digits, compressed 2x with channel pruning.")
+    add_network_arguments(parser)
+    parser.add_argument("--method", default="channel-pruning", choices=sorted(METHODS), help="compressor")
+    parser.add_argument("--speedup", type=_speedup, default=2.0, help="MACs reduction factor (2 = half the MACs)")
     parser.add_argument("--finetune-epochs", type=int, default=1, help="fine-tuning epochs after compression")
     parser.add_argument("--no-distill", action="store_true", help="fine-tune on labels only (default: logit "
                                                                    "distillation from the original network)")
     parser.add_argument("--calibration-ratio", type=_fraction, default=0.25,
                         help="fraction of the training batches used as calibration data")
     parser.add_argument("--sampled-pixels", type=int, default=10, help="positions sampled per image and layer")
-    parser.add_argument("--batch-size", type=int, default=64, help="training batch size")
     parser.add_argument("-o", "--output", metavar="DIR",
                         help="directory for compressed.{pkl,json,vnmodel,onnx}, a drawing and report.json "
                              "(created if its parent exists)")

@@ -23,19 +23,15 @@ def _fraction(text: str) -> float:
 
 def register(commands: argparse._SubParsersAction) -> None:
     """Add ``amc search`` to the ``amc`` subcommands."""
-    from amc.models import MODELS
+    from amc.compress_command import add_network_arguments
     from compressors.tuners.actions import ACTIONS
     from compressors.tuners.rewards import REWARDS
-    from trainers.datasets import DATASETS
 
     parser = commands.add_parser(
         "search", help="search per-layer compression ratios under a MACs or latency budget (DDPG, GA ...)",
         description="Capture -> search per-group preserve ratios (rewards on held-out training data) -> compressed "
                     "network at the best policy -> optional fine-tuning -> report -> save.")
-    parser.add_argument("--model", default="residual-concat",
-                        help=f"built-in network ({', '.join(sorted(MODELS))}), trained here on --data, or a saved "
-                             "network (.pkl/.json/.vnmodel) taking the data's images")
-    parser.add_argument("--data", default="digits", choices=sorted(DATASETS), help="dataset (offline)")
+    add_network_arguments(parser)
     parser.add_argument("--tuner", default="ddpg", choices=sorted(TUNERS), help="search agent")
     parser.add_argument("--compressor", default="l2", choices=sorted(ACTIONS), help="the action: how a group "
                                                                                     "is compressed")
@@ -56,10 +52,6 @@ def register(commands: argparse._SubParsersAction) -> None:
                         help="training images for BatchNorm re-estimation (0: none)")
     parser.add_argument("--evaluation", default="pruned", choices=("pruned", "masked"),
                         help="measure rewards on the pruned network or on a masked copy")
-    parser.add_argument("--train-epochs", type=int, help="epochs to train a built-in network first "
-                                                         "(default 3; 0 for a saved network)")
-    parser.add_argument("--train-limit", type=int, help="use only this many training images (quick runs)")
-    parser.add_argument("--batch-size", type=int, default=64, help="training batch size")
     parser.add_argument("--finetune-epochs", type=int, default=0, help="fine-tuning epochs after the search")
     parser.add_argument("--checkpoint-folder", metavar="DIR",
                         help="resumable search state, tensorboardX curves, compressed.pkl and search_result.json")
