@@ -97,6 +97,18 @@ def test_make_permanent_leaves_a_plain_network_with_identical_outputs_that_saves
         torch.testing.assert_close(load(path)(images), expected)
 
 
+@pytest.mark.parametrize("suffix", ["pkl", "json", "vnmodel"])
+def test_a_masked_network_saves_what_it_computes_and_stays_masked(tmp_path, suffix):
+    images, loader = _data()
+    network = MagnitudePruning(SmallVGG(1, 10), loader, sparsity=0.7).compress().eval()
+    expected = network(images)
+    save = {"pkl": network.save, "json": network.save_to_json, "vnmodel": network.save_to_vnmodel}[suffix]
+    loaded = load(save(str(tmp_path / f"net.{suffix}")))
+    torch.testing.assert_close(loaded(images), expected)
+    assert all(hasattr(m, "weight_mask") for m in weight_nodes(network).values())
+    assert sparsity_report(loaded).sparsity == pytest.approx(0.7, abs=0.01)
+
+
 def test_random_method_zeroes_exactly_the_asked_fraction():
     images, loader = _data()
     network = MagnitudePruning(SmallVGG(1, 10), loader, sparsity=0.3, method="random").compress()

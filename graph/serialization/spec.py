@@ -6,6 +6,7 @@ of :mod:`graph.leaves` and :mod:`graph.oplib`, and every problem is a :class:`~g
 """
 from __future__ import annotations
 
+import copy
 import inspect
 from typing import Any
 
@@ -35,7 +36,9 @@ def network_to_spec(network: ReconstructedNetwork) -> tuple[dict[str, Any], dict
 
     Raises ``TypeError`` naming the node when a template holds a value no format can store, and ``ValueError``
     when a module's constructor arguments disagree with its tensors (for example after inconsistent pruning).
+    Weights masked with ``torch.nn.utils.prune`` (magnitude pruning) are saved as what they compute: masks folded in.
     """
+    network = _masks_folded(network)
     template_tensors: dict[str, torch.Tensor] = {}
     encoder = TemplateEncoder(template_tensors)
     spec: dict[str, Any] = {
@@ -58,6 +61,27 @@ def network_to_spec(network: ReconstructedNetwork) -> tuple[dict[str, Any], dict
     tensors.update({name: tensor.to("cpu") for name, tensor in template_tensors.items()})
     spec["tensors"] = roles
     return spec, tensors
+
+
+def _masks_folded(network: ReconstructedNetwork) -> ReconstructedNetwork:
+    """``network``, or a copy whose ``torch.nn.utils.prune`` masks are folded into their tensors (``prune.remove``)."""
+    from torch.nn.utils import prune
+
+    def masks(module: nn.Module) -> list:
+        return [hook for hook in module._forward_pre_hooks.values() if isinstance(hook, prune.BasePruningMethod)]
+
+    if not any(masks(module) for module in network.modules()):
+        return network
+    with torch.no_grad():  # the masked weight a forward left behind holds autograd history, which deepcopy refuses
+        for module in network.modules():
+            for hook in masks(module):
+                setattr(module, hook._tensor_name, hook.apply_mask(module))
+    folded = copy.deepcopy(network)
+    for module in folded.modules():
+        for hook in masks(module):
+            prune.remove(module, hook._tensor_name)
+    folded.recompile()
+    return folded
 
 
 def _encode_in(where: str, value: Any, encoder: TemplateEncoder) -> Any:
