@@ -76,11 +76,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--side", type=int, default=256, help="deployment resolution for the latency measurement")
     parser.add_argument("--repeats", type=int, default=15, help="round-robin latency repeats")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--widths", type=int, nargs="+", default=[32, 64, 128, 256], help="UNet level widths")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     data = load_foreground_segmentation("fashion-mnist", batch_size=32, train_limit=512 if args.quick else 8000,
                                         test_limit=256 if args.quick else 2000)
-    model = UNet(in_channels=1, classes=2, widths=(16, 32, 64, 128))
+    model = UNet(in_channels=1, classes=2, widths=tuple(args.widths))
     print("training the UNet ...")
     finetune(model, data.train, epochs=1 if args.quick else args.epochs, lr=0.05, verbose=True)
     before = {"pixel accuracy": top1_accuracy(model, data.test), "IoU": mean_iou(model, data.test)}
