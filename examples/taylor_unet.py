@@ -9,7 +9,7 @@ FLOPs down 44% but latency down only 32% because the kept channel counts were ir
 3. fine-tune once more, export both networks to ONNX, and measure CPU latency side by side (torch and
    onnxruntime, round-robin timing at a deployment resolution), reporting latency cut / MACs cut.
 
-Run ``python examples/taylor_unet.py`` (a few minutes on 2 cores; ``--quick`` for a smoke run). Needs the Debian
+Run ``python examples/taylor_unet.py`` (about 6 minutes on 2 cores; ``--quick`` for a smoke run). Needs the Debian
 package ``dataset-fashion-mnist``.
 """
 from __future__ import annotations
