@@ -18,7 +18,6 @@ from compressors.features import collect_layer_statistics
 from graph import capture
 from graph.pruning import multiply_adds, plan_by_ratio, plan_for_flops, prune_channels
 from trainers import finetune
-from trainers.datasets import load_dataset
 
 
 def _state(module: nn.Module) -> dict[str, torch.Tensor]:
@@ -81,11 +80,6 @@ def test_channels_that_feed_nothing_are_pruned_and_the_output_is_unchanged():
 
 
 # ------------------------------------------------------------------------------------------------ real data
-@pytest.fixture(scope="module")
-def digits():
-    return load_dataset("digits", batch_size=64)
-
-
 @pytest.fixture(scope="module")
 def trained_cnn(digits):
     torch.manual_seed(0)

@@ -15,11 +15,6 @@ from trainers.basedistiller import feature_module, hint_adapter, soft_logit_kl
 from trainers.datasets import load_dataset
 
 
-@pytest.fixture(scope="module")
-def digits():
-    return load_dataset("digits", batch_size=64)
-
-
 def cnn(width=8, seed=0):
     torch.manual_seed(seed)
     return nn.Sequential(nn.Conv2d(1, width, 3, padding=1), nn.ReLU(), nn.Conv2d(width, width, 3, padding=1),

@@ -18,12 +18,6 @@ from compressors import LowRankDecomposition, LowRankDecompostion
 from compressors.base import CompressionError, top1_accuracy
 from compressors.low_rank_solvers import (Moments, RankCurve, ResponseSpace, allocate_ranks, data_factors,
                                           nonlinear_factors, truncated_svd, weight_svd_factors)
-from trainers.datasets import load_dataset
-
-
-@pytest.fixture(scope="module")
-def digits():
-    return load_dataset("digits", batch_size=64)
 
 
 @pytest.fixture(scope="module")

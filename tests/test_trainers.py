@@ -15,12 +15,6 @@ from compressors.base import top1_accuracy
 from trainers import BaseTrainer, ClassificationTrainer
 from trainers.callbacks import Callback
 from trainers.classification import topk_accuracies
-from trainers.datasets import load_dataset
-
-
-@pytest.fixture(scope="module")
-def digits():
-    return load_dataset("digits", batch_size=64)
 
 
 def small_cnn() -> nn.Module:
