@@ -19,6 +19,7 @@ from compressors.tuners.budget import ActionWall
 from compressors.tuners.cost import MacsModel
 from compressors.tuners.ddpg import run_episode
 from compressors.tuners.genetic import GAConfig, GeneticAlgorithm
+from compressors.tuners.latency import LatencyModel
 from compressors.tuners.state import StateEncoder
 from graph import capture
 from graph.flops import count_flops
@@ -251,12 +252,19 @@ def test_latency_table_times_layers_of_the_shapes_the_pruned_network_has():
 
 def test_latency_budget_search_keeps_the_measured_latency_model_within_the_target(tmp_path):
     model, data = _digits_model()
-    # 8x8 digits: per-op overhead dominates, so even the smallest channel counts keep most of the latency
-    search = GATuner(model, data.train, data.val, latency_target=0.97, episodes=4, population=2, round_to=16,
-                     heldout_images=64, calibration_images=32, checkpointfolder=tmp_path / "new")
+    options = dict(episodes=4, population=2, round_to=16, heldout_images=64, calibration_images=32,
+                   checkpointfolder=tmp_path / "new")
+    # timings are noisy: measure the table once, then set a target the table can meet; the tuner reads the same
+    # cached table, so its budget is feasible by construction
+    probe = GATuner(model, data.train, data.val, flops_target=0.9, **options)
+    measured = LatencyModel(probe.rnet, probe.units, cache=str(tmp_path / "new" / "latency_table.json"))
+    lowest = measured.cost([u.lowest for u in measured.units]) / measured.full
+    assert lowest < 1.0
+    target = (lowest + 1.0) / 2
+    search = GATuner(model, data.train, data.val, latency_target=target, **options)
+    assert search.model.full == measured.full
     result = search.search()
-    assert result.budget == "latency" and result.cost_ratio <= 0.97 + 1e-9
-    assert search.model.cost([u.lowest for u in search.units]) < search.model.full
+    assert result.budget == "latency" and result.cost_ratio <= target + 1e-9
     assert (tmp_path / "new" / "latency_table.json").exists()
 
 
