@@ -39,7 +39,7 @@ import torch  # noqa: E402
 import torchvision  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from bench.prune_zoo import RATIO, _setup, final_layers  # noqa: E402
+from bench.prune_zoo import RATIO, _setup, final_layers, time_peer_pruning  # noqa: E402
 from bench.zoo import add_side_arguments, failure, run_json_child, timed, write_atomically, zoo_names  # noqa: E402
 from graph import capture  # noqa: E402
 from graph.pruning import plan_by_ratio, prune_channels  # noqa: E402
@@ -75,24 +75,14 @@ def measure_ours(name: str) -> dict:
 
 def measure_peer(name: str) -> dict:
     """CPU seconds of Torch-Pruning's ``MetaPruner`` construction and ``step()`` at ratio 0.5 on one model."""
-    import torch_pruning as tp
-
     model, x, ignored = _prepared(name)
     result: dict = {"name": name}
-    stage = "build (MetaPruner)"
-    try:
-        pruner, result["build_s"] = timed(lambda: tp.pruner.MetaPruner(
-            model, x, importance=tp.importance.MagnitudeImportance(p=2), pruning_ratio=RATIO,
-            ignored_layers=ignored))
-        stage = "step"
-        _, result["step_s"] = timed(pruner.step)
-    except Exception as error:  # noqa: BLE001 - every failure is a benchmark result
-        result.update(failure(stage, error))
+    time_peer_pruning(model, x, ignored, result)
     return result
 
 
 SIDES = {"ours": measure_ours, "peer": measure_peer}
-STAGES = {"ours": ("capture_s", "prune_s"), "baseline": ("capture_s", "prune_s"), "peer": ("build_s", "step_s")}
+STAGES = {"ours": ("capture_s", "prune_s"), "baseline": ("capture_s", "prune_s"), "peer": ("build_s", "prune_s")}
 
 
 def total(side: str, result: dict) -> float | None:
@@ -132,7 +122,7 @@ def _row(s: dict, with_baseline: bool) -> str:
     notes = "; ".join(f"{side}: {s[f'{side}_error']}".replace("|", "/") for side in STAGES if f"{side}_error" in s)
     baseline = f" {_f(s.get('baseline_total'))} | {_f(s.get('baseline_ratio'))} |" if with_baseline else ""
     return (f"| {s['name']} | {_f(s.get('ours_capture_s'))} | {_f(s.get('ours_prune_s'))} | "
-            f"{_f(s.get('ours_total'))} | {_f(s.get('peer_build_s'))} | {_f(s.get('peer_step_s'))} | "
+            f"{_f(s.get('ours_total'))} | {_f(s.get('peer_build_s'))} | {_f(s.get('peer_prune_s'))} | "
             f"{_f(s.get('peer_total'))} | {_f(s.get('ours_ratio'))} |{baseline} {notes} |")
 
 

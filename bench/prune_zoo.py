@@ -149,6 +149,25 @@ def final_layers(model: nn.Module, x: torch.Tensor) -> list[nn.Module]:
     return list(found.values())
 
 
+def time_peer_pruning(model: nn.Module, x: torch.Tensor, ignored: list[nn.Module], result: dict) -> bool:
+    """Build Torch-Pruning's ``MetaPruner`` (L2 magnitude, ``RATIO``, ``ignored`` layers) and run ``step()``,
+    recording CPU seconds in ``result["build_s"]`` and ``result["prune_s"]``; False, with the failure and its stage
+    in ``result``, when either raises."""
+    import torch_pruning as tp
+
+    stage = "build (MetaPruner)"
+    try:
+        pruner, result["build_s"] = timed(lambda: tp.pruner.MetaPruner(
+            model, x, importance=tp.importance.MagnitudeImportance(p=2), pruning_ratio=RATIO,
+            ignored_layers=ignored))
+        stage = "step"
+        _, result["prune_s"] = timed(pruner.step)
+    except Exception as error:  # noqa: BLE001 - every failure is a benchmark result
+        result.update(failure(stage, error))
+        return False
+    return True
+
+
 def measure_peer(name: str) -> dict:
     """Torch-Pruning 1.6 MetaPruner at ratio 0.5 (L2 magnitude), forward after pruning, MACs and params."""
     import torch_pruning as tp
@@ -158,14 +177,10 @@ def measure_peer(name: str) -> dict:
     tp_macs, _ = tp.utils.count_ops_and_params(model, x)
     result: dict = {"name": name, "macs_before": _macs(model, x), "params_before": _params(model),
                     "tp_macs_before": int(tp_macs), "ignored": len(ignored)}
-    stage = "build (MetaPruner)"
+    if not time_peer_pruning(model, x, ignored, result):
+        return result
+    stage = "forward after pruning"
     try:
-        pruner, result["build_s"] = timed(lambda: tp.pruner.MetaPruner(
-            model, x, importance=tp.importance.MagnitudeImportance(p=2), pruning_ratio=RATIO,
-            ignored_layers=ignored))
-        stage = "step"
-        _, result["prune_s"] = timed(pruner.step)
-        stage = "forward after pruning"
         with torch.no_grad():
             out = model(x)
         result["forward_ok"] = _same_shapes(reference, out)

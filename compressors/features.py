@@ -163,6 +163,64 @@ def _check_finite(values: torch.Tensor, what: str, node: str) -> None:
                                "calibration data and the network's weights")
 
 
+def _layer_extractors(network, nodes: Iterable[str], lookup: Callable[[nn.Module], RowExtractor | None],
+                      unsupported: str) -> dict[str, RowExtractor]:
+    """The row handler of each named node, in order; :class:`CompressionError` for a name that is not a node or a
+    node ``lookup`` has no handler for (``unsupported`` says what the node is not)."""
+    extractors = {}
+    for name in dict.fromkeys(nodes):
+        try:
+            node = network.node(name)
+        except KeyError:
+            raise CompressionError(f"{name!r} is not a node of this network") from None
+        extractor = lookup(network.module_of(node)) if node.key else None
+        if extractor is None:
+            raise CompressionError(f"{name!r} ({node.op}) is not {unsupported} "
+                                   f"(supported: {', '.join(sorted(t.__name__ for t in ROW_EXTRACTORS))})")
+        extractors[name] = extractor
+    return extractors
+
+
+RowSink = Callable[[str, tuple, torch.Tensor, torch.Tensor, torch.Tensor], None]
+"""``sink(name, args, output, index, target_rows)``: a node's inputs and output in the network being compressed,
+the sampled positions and the reference's output rows there."""
+
+
+def _collect_rows(network, extractors: dict[str, RowExtractor], batches: Iterable[Any], reference,
+                  samples_per_example: int, seed: int, sink: RowSink) -> None:
+    """For every batch: sample ``samples_per_example`` output positions per example of each node in ``reference``
+    (``network`` itself without one), read the reference's output rows there, then hand the same node's values in
+    ``network`` to ``sink``. Each forward stops after the last node."""
+    if samples_per_example < 1:
+        raise CompressionError(f"samples per example must be positive, got {samples_per_example}")
+    generator = torch.Generator().manual_seed(seed)
+    wanted = set(extractors)
+    with torch.no_grad():
+        for inputs in batches:
+            targets: dict[str, tuple[torch.Tensor, torch.Size, torch.Tensor]] = {}
+
+            def take_targets(name: str, args: tuple, output: torch.Tensor) -> None:
+                extractor = extractors[name]
+                index = sample_positions(output.shape[0], extractor.positions(output), samples_per_example,
+                                         generator, output.device)
+                rows = extractor.targets(output, index)
+                _check_finite(rows, "outputs", name)
+                targets[name] = (index, output.shape, rows)
+
+            def take_values(name: str, args: tuple, output: torch.Tensor) -> None:
+                index, shape, rows = targets[name]
+                if output.shape != shape:
+                    raise CompressionError(f"{name!r} produces {tuple(output.shape)} here but {tuple(shape)} in the "
+                                           "reference network: the two must compute the same positions")
+                sink(name, args, output, index, rows)
+
+            if reference is None:
+                _observe_until(network, wanted, inputs, lambda *seen: (take_targets(*seen), take_values(*seen)))
+            else:
+                _observe_until(reference, wanted, inputs, take_targets)
+                _observe_until(network, wanted, inputs, take_values)
+
+
 def collect_layer_statistics(network, nodes: Iterable[str], batches: Iterable[Any], *, reference=None,
                              samples_per_example: int = 10, append_ones: bool = False, targets_gram: bool = False,
                              seed: int = 0) -> dict[str, LayerStatistics]:
@@ -175,57 +233,24 @@ def collect_layer_statistics(network, nodes: Iterable[str], batches: Iterable[An
     The forward stops after the last requested node. Raises :class:`CompressionError` for a node that is not in the
     graph or has no row handler, an empty ``batches``, or NaN/inf in the features.
     """
-    nodes = list(dict.fromkeys(nodes))
-    modules = {}
-    for name in nodes:
-        try:
-            node = network.node(name)
-        except KeyError:
-            raise CompressionError(f"{name!r} is not a node of this network") from None
-        module = network.module_of(node) if node.key else None
-        if module is None or row_extractor(module) is None:
-            raise CompressionError(f"{name!r} ({node.op}) is not a layer whose inputs can be unfolded into rows "
-                                   f"(supported: {', '.join(sorted(t.__name__ for t in ROW_EXTRACTORS))}, groups=1)")
-        modules[name] = module
-    if samples_per_example < 1:
-        raise CompressionError(f"samples per example must be positive, got {samples_per_example}")
-    generator = torch.Generator().manual_seed(seed)
+    extractors = _layer_extractors(network, nodes, row_extractor,
+                                   "a layer whose inputs can be unfolded into rows (groups=1)")
+    modules = {name: network.module_of(network.node(name)) for name in extractors}
     stats: dict[str, LayerStatistics] = {}
-    wanted = set(nodes)
-    with torch.no_grad():
-        for inputs in batches:
-            targets: dict[str, tuple[torch.Tensor, torch.Size, torch.Tensor]] = {}
 
-            def take_targets(name: str, args: tuple, output: torch.Tensor) -> None:
-                extractor = row_extractor(modules[name])
-                index = sample_positions(output.shape[0], extractor.positions(output), samples_per_example,
-                                         generator, output.device)
-                rows = extractor.targets(output, index)
-                _check_finite(rows, "outputs", name)
-                targets[name] = (index, output.shape, rows)
+    def add(name: str, args: tuple, output: torch.Tensor, index: torch.Tensor, y: torch.Tensor) -> None:
+        x = extractors[name].inputs(modules[name], args[0], output.shape, index)
+        _check_finite(x, "inputs", name)
+        if append_ones:
+            x = torch.cat([x, x.new_ones(x.shape[0], 1)], dim=1)
+        if name not in stats:
+            width, outputs = x.shape[1], y.shape[1]
+            zeros = dict(dtype=torch.float64, device=x.device)
+            stats[name] = LayerStatistics(torch.zeros(width, width, **zeros), torch.zeros(width, outputs, **zeros),
+                                          torch.zeros(outputs, outputs, **zeros) if targets_gram else None)
+        stats[name].update(x, y)
 
-            def take_inputs(name: str, args: tuple, output: torch.Tensor) -> None:
-                index, shape, y = targets[name]
-                if output.shape != shape:
-                    raise CompressionError(f"{name!r} produces {tuple(output.shape)} here but {tuple(shape)} in the "
-                                           "reference network: the two must compute the same positions")
-                x = row_extractor(modules[name]).inputs(modules[name], args[0], shape, index)
-                _check_finite(x, "inputs", name)
-                if append_ones:
-                    x = torch.cat([x, x.new_ones(x.shape[0], 1)], dim=1)
-                if name not in stats:
-                    width, outputs = x.shape[1], y.shape[1]
-                    zeros = dict(dtype=torch.float64, device=x.device)
-                    stats[name] = LayerStatistics(torch.zeros(width, width, **zeros),
-                                                  torch.zeros(width, outputs, **zeros),
-                                                  torch.zeros(outputs, outputs, **zeros) if targets_gram else None)
-                stats[name].update(x, y)
-
-            if reference is None:
-                _observe_until(network, wanted, inputs, lambda *seen: (take_targets(*seen), take_inputs(*seen)))
-            else:
-                _observe_until(reference, wanted, inputs, take_targets)
-                _observe_until(network, wanted, inputs, take_inputs)
+    _collect_rows(network, extractors, batches, reference, samples_per_example, seed, add)
     if not stats:
         raise CompressionError("no calibration batches: the loader (or trainset_ratio of it) yielded nothing")
     return stats
@@ -289,49 +314,17 @@ def collect_response_statistics(network, nodes: Iterable[str], batches: Iterable
     (``A``) and, at the same positions, in ``reference`` (``T``; ``network`` itself without one). Only n×n moments
     are kept, so this is cheaper than :func:`collect_layer_statistics` when a solver works on responses (data-driven
     low-rank decomposition). Raises :class:`CompressionError` like :func:`collect_layer_statistics`."""
-    nodes = list(dict.fromkeys(nodes))
-    for name in nodes:
-        try:
-            node = network.node(name)
-        except KeyError:
-            raise CompressionError(f"{name!r} is not a node of this network") from None
-        if node.key is None or response_rows_extractor(network.module_of(node)) is None:
-            raise CompressionError(f"{name!r} ({node.op}) is not a layer whose output rows can be read "
-                                   f"(supported: {', '.join(sorted(t.__name__ for t in ROW_EXTRACTORS))})")
-    if samples_per_example < 1:
-        raise CompressionError(f"samples per example must be positive, got {samples_per_example}")
-    extractors = {name: response_rows_extractor(network.module_of(network.node(name))) for name in nodes}
-    generator = torch.Generator().manual_seed(seed)
+    extractors = _layer_extractors(network, nodes, response_rows_extractor, "a layer whose output rows can be read")
     stats: dict[str, ResponseStatistics] = {}
-    wanted = set(nodes)
-    with torch.no_grad():
-        for inputs in batches:
-            targets: dict[str, tuple[torch.Tensor, torch.Size, torch.Tensor]] = {}
 
-            def take_targets(name: str, args: tuple, output: torch.Tensor) -> None:
-                extractor = extractors[name]
-                index = sample_positions(output.shape[0], extractor.positions(output), samples_per_example,
-                                         generator, output.device)
-                rows = extractor.targets(output, index)
-                _check_finite(rows, "outputs", name)
-                targets[name] = (index, output.shape, rows)
+    def add(name: str, args: tuple, output: torch.Tensor, index: torch.Tensor, target: torch.Tensor) -> None:
+        rows = extractors[name].targets(output, index)
+        _check_finite(rows, "outputs", name)
+        if name not in stats:
+            stats[name] = ResponseStatistics.empty(rows.shape[1], keep_rows, rows.device)
+        stats[name].update(rows, target)
 
-            def take_approx(name: str, args: tuple, output: torch.Tensor) -> None:
-                index, shape, target = targets[name]
-                if output.shape != shape:
-                    raise CompressionError(f"{name!r} produces {tuple(output.shape)} here but {tuple(shape)} in the "
-                                           "reference network: the two must compute the same positions")
-                rows = extractors[name].targets(output, index)
-                _check_finite(rows, "outputs", name)
-                if name not in stats:
-                    stats[name] = ResponseStatistics.empty(rows.shape[1], keep_rows, rows.device)
-                stats[name].update(rows, target)
-
-            if reference is None:
-                _observe_until(network, wanted, inputs, lambda *seen: (take_targets(*seen), take_approx(*seen)))
-            else:
-                _observe_until(reference, wanted, inputs, take_targets)
-                _observe_until(network, wanted, inputs, take_approx)
+    _collect_rows(network, extractors, batches, reference, samples_per_example, seed, add)
     if not stats:
         raise CompressionError("no calibration batches: the loader (or trainset_ratio of it) yielded nothing")
     return stats
