@@ -2,11 +2,12 @@
 
 Channels of every prunable group are ranked together (lowest score first); the plan removes the ``k`` lowest,
 with each group's kept count rounded to ``round_to`` and never below one channel, and ``k`` is the smallest count
-whose pruned network needs at most ``macs_target`` multiply-adds (found by bisection on the real pruned network,
-so the budget is met exactly, not estimated).
+whose pruned network needs at most ``macs_target`` multiply-adds (found by bisection on the pruned network, so the
+budget is met exactly, not estimated; the trials prune a copy on the meta device, which has the shapes and no data).
 """
 from __future__ import annotations
 
+import copy
 from typing import Mapping
 
 import numpy as np
@@ -20,7 +21,9 @@ from .base import CompressionError
 def rounded_keep(size: int, keep: int, round_to: int | None) -> int:
     """``keep`` rounded to the nearest multiple of ``round_to`` (at least ``round_to``, at most ``size``; groups no
     larger than ``round_to`` are left whole), and at least 1."""
-    if round_to and size > round_to:
+    if round_to:
+        if size <= round_to:
+            return size
         keep = max(round_to, int(round(keep / round_to)) * round_to)
     return max(1, min(size, keep))
 
@@ -50,10 +53,12 @@ def plan_to_macs(rnet, scores: Mapping[ChannelGroup, np.ndarray], macs_target: f
     if multiply_adds(rnet) <= macs_target:
         return {}
     total = sum(g.size for g in scores)
+    shapes = copy.deepcopy(rnet).to("meta")
 
     def fits(count: int) -> bool:
         plan = plan_from_count(scores, count, round_to)
-        return bool(plan) and multiply_adds(prune_channels(rnet, plan)) <= macs_target
+        trial = {group.id: indices for group, indices in plan.items()}
+        return bool(plan) and multiply_adds(prune_channels(shapes, trial)) <= macs_target
 
     if not fits(total):
         raise CompressionError(f"the prunable channels cannot bring the network down to {int(macs_target):,} MACs "
