@@ -324,6 +324,68 @@ def test_lasso_action_prunes_every_group_to_its_kept_count_with_refitted_weights
                if a.shape == b.shape)
 
 
+def test_taylor_action_removes_each_groups_channels_of_lowest_taylor_importance_and_meets_the_budget():
+    from compressors import TaylorPruning
+    from compressors.taylor import TaylorImportance
+
+    model, data = _digits_model()
+    search = GATuner(model, data.train, data.val, compressor=TaylorPruning, flops_target=0.5, episodes=4,
+                     population=2, round_to=4, heldout_images=128, calibration_images=64)
+    result = search.search()
+    assert result.macs <= 0.5 * count_flops(search.rnet).total_macs
+    labelled = [(images, labels) for images, labels in _first_images(data.train, 64)]
+    scores = TaylorImportance(labelled, normalize=False).raw_scores(search.rnet)
+    plan = search.action.plan(result.best.keeps)
+    assert plan
+    for group, removed in plan.items():
+        kept = np.setdiff1d(np.arange(group.size), removed)
+        assert scores[group.id][removed].max() <= scores[group.id][kept].min()
+    assert not np.array_equal(search.action.order[0], L2ChannelAction(search.rnet).order[0])
+
+
+def _first_images(loader, count):
+    taken = 0
+    for images, labels in torch.utils.data.DataLoader(loader.dataset, batch_size=loader.batch_size):
+        take = min(len(images), count - taken)
+        yield images[:take], labels[:take]
+        taken += take
+        if taken >= count:
+            return
+
+
+def test_low_rank_action_models_the_macs_of_every_decomposed_network_exactly():
+    from compressors.tuners.actions import WeightLowRankAction
+
+    model, data = _digits_model()
+    rnet = capture(model, torch.randn(2, 1, 8, 8))
+    action = WeightLowRankAction(rnet, round_to=2)
+    model_of_macs = action.macs_model()
+    rng = np.random.default_rng(0)
+    policies = [[u.lowest for u in action.units], [u.size for u in action.units]]
+    policies += [[int(rng.choice(u.keeps)) for u in action.units] for _ in range(4)]
+    for keeps in policies:
+        assert model_of_macs.cost(keeps) == count_flops(action.compress(keeps)).total_macs
+    assert all(k % 2 == 0 or k == u.size for u in action.units for k in u.keeps)
+
+
+def test_low_rank_search_meets_the_budget_and_its_fast_reward_equals_a_full_evaluation():
+    from torch.utils.data import DataLoader, Subset
+
+    from compressors import LowRankDecomposition
+
+    model, data = _digits_model()
+    search = GATuner(model, data.train, data.val, compressor=LowRankDecomposition, flops_target=0.5, episodes=4,
+                     population=2, heldout_images=128, calibration_images=64)
+    result = search.search()
+    original = count_flops(search.rnet).total_macs
+    assert count_flops(result.compressed_net).total_macs == result.macs <= 0.5 * original
+    assert any(node.name.endswith(".reduce") for node in result.compressed_net.graph_nodes)
+    heldout = DataLoader(Subset(data.val.dataset, range(128)), batch_size=32)
+    assert top1_accuracy(result.compressed_net, heldout) == pytest.approx(result.accuracy, abs=1e-9)
+    with pytest.raises(CompressionError, match="flops_target"):
+        GATuner(model, data.train, data.val, compressor="low-rank-weight", latency_target=0.5, episodes=1)
+
+
 def test_onnxruntime_latency_timer_times_a_layer():
     pytest.importorskip("onnxruntime", reason="the onnxruntime latency backend needs onnxruntime")
     from compressors.tuners.latency import time_onnxruntime

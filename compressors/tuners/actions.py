@@ -14,11 +14,13 @@ import numpy as np
 import torch
 
 from compressors.base import CompressionError
+from graph.flops import count_flops
 from graph.importance import group_importance, member_tensor
 from graph.pruning import prune_channels
 
+from .cost import CostModel, MacsModel, RankMacsModel
 from .evaluation import PolicyEvaluator
-from .units import Unit, channel_units
+from .units import Unit, allowed_keeps, channel_units, layer_features
 
 EVALUATIONS = ("pruned", "masked")
 """How rewards are measured: on the physically compressed network (fewer MACs to run: the faster on CPU), or on
@@ -54,9 +56,12 @@ def action_class(compressor: Any) -> type["ActionAdapter"]:
 
 class ActionAdapter:
     """Base of the action adapters. ``rnet`` is the network to compress (never modified); ``trainloader`` gives
-    calibration data to compressors that need it. Subclasses set :attr:`units` and implement :meth:`compress` and
+    calibration data to compressors that need it: batches of ``(inputs,)``, or ``(inputs, labels)`` for adapters
+    whose :attr:`needs_labels` is true. Subclasses set :attr:`units` and implement :meth:`compress` and
     :meth:`first_changed`; :meth:`accuracy` defaults to measuring the compressed network. ``reference`` is the
     network the evaluator caches prefixes of (the one :meth:`accuracy` changes in place, if any)."""
+
+    needs_labels = False
 
     def __init__(self, rnet, trainloader=None, *, lbound: float = 0.2, round_to: int | None = None,
                  ignore: Sequence[str] = (), device: torch.device | None = None, evaluation: str = "pruned"):
@@ -74,6 +79,11 @@ class ActionAdapter:
         """A network with the policy's sizes (which channels or ranks does not matter), for counting its cost;
         :meth:`compress` by default, something cheaper where the compressor is slow."""
         return self.compress(keeps)
+
+    def macs_model(self) -> CostModel:
+        """The MACs of a policy as a closed-form function of the kept counts (fitted on :meth:`skeleton`
+        networks by default)."""
+        return MacsModel(self.rnet, self.units, self.skeleton)
 
     def first_changed(self, keeps: Sequence[int]) -> int:
         """Index of the first node whose weights the policy changes (``len(graph_nodes)`` when none)."""
@@ -137,14 +147,17 @@ class L2ChannelAction(ChannelAction):
                  ignore: Sequence[str] = (), device: torch.device | None = None, evaluation: str = "pruned"):
         super().__init__(rnet, trainloader, lbound=lbound, round_to=round_to, ignore=ignore, device=device,
                          evaluation=evaluation)
-        reduced: dict = {}
-        self.order = [np.argsort(group_importance(rnet, unit.key, "l2", reduced), kind="stable")
-                      for unit in self.units]
+        self.order = [np.argsort(scores, kind="stable") for scores in self.unit_scores()]
         self.masked = evaluation == "masked" and all(unit.key.exact for unit in self.units)
         if self.masked:
             self.work = copy.deepcopy(rnet)
             self.saved = self._snapshot()
             self.reference = self.work
+
+    def unit_scores(self) -> list[np.ndarray]:
+        """Each unit's channel scores (higher is kept): the L2 norms summed over the group's members."""
+        reduced: dict = {}
+        return [group_importance(self.rnet, unit.key, "l2", reduced) for unit in self.units]
 
     def plan(self, keeps: Sequence[int]) -> dict:
         """The pruning plan ``{group: channels to remove}`` (the least important ``size - keep`` of each group)."""
@@ -193,6 +206,23 @@ class L2ChannelAction(ChannelAction):
                 tensor.copy_(original)
 
 
+@registers_action("taylor", compressors=("TaylorPruning",))
+class TaylorChannelAction(L2ChannelAction):
+    """Channel pruning that keeps each group's channels of largest Taylor importance (|activation x gradient| of
+    the cross-entropy loss, :class:`compressors.taylor.TaylorImportance`), measured once on the labelled
+    calibration batches; otherwise as :class:`L2ChannelAction` (no fine-tuning inside the search)."""
+
+    needs_labels = True
+
+    def unit_scores(self) -> list[np.ndarray]:
+        from compressors.taylor import TaylorImportance
+
+        if not self.trainloader:
+            raise CompressionError("the taylor action needs labelled calibration batches (a trainloader)")
+        scores = TaylorImportance(self.trainloader, normalize=False, device=self.device).scores(self.rnet)
+        return [scores[unit.key.id] for unit in self.units]
+
+
 @registers_action("channel-pruning", "lasso", compressors=("ChannelPruning", "ChannelPrunning"))
 class LassoChannelAction(ChannelAction):
     """He et al.'s channel pruning as the action (:class:`compressors.channel_pruning.ChannelPruning`): per group,
@@ -220,3 +250,79 @@ class LassoChannelAction(ChannelAction):
         compressor.removal = {unit.key.id: unit.size - int(keep) for unit, keep in zip(self.units, keeps)
                               if keep < unit.size}
         return compressor.compress()
+
+
+@registers_action("low-rank", compressors=("LowRankDecomposition", "LowRankDecompostion"))
+class LowRankAction(ActionAdapter):
+    """Low-rank decomposition as the action (:class:`compressors.low_rank.LowRankDecomposition`): one unit per
+    decomposable Linear or convolution; a unit's kept count is the rank per group, and its size (the largest rank
+    that saves MACs, plus one) means the layer stays whole, so kept / size is about the fraction of the layer's MACs
+    kept. ``"low-rank"`` fits the factors to the calibration images' responses (seconds per evaluation);
+    ``"low-rank-weight"`` is the truncated SVD of the weights. MACs budgets only; rewards on the decomposed
+    network."""
+
+    method = "data"
+
+    def __init__(self, rnet, trainloader=None, *, lbound: float = 0.2, round_to: int | None = None,
+                 ignore: Sequence[str] = (), device: torch.device | None = None, evaluation: str = "pruned"):
+        if evaluation != "pruned":
+            raise CompressionError("the low-rank action replaces layers: its rewards can only be measured on the "
+                                   "decomposed network (evaluation='pruned')")
+        super().__init__(rnet, trainloader, lbound=lbound, round_to=round_to, ignore=ignore, device=device)
+        if self.method == "data" and not trainloader:
+            raise CompressionError("the data-driven low-rank action needs calibration data (a trainloader)")
+        from compressors.low_rank_layers import candidates
+
+        macs = {row.name: row.macs or 0 for row in count_flops(rnet).rows}
+        positions = {node.name: index for index, node in enumerate(rnet.graph_nodes)}
+        ignored = set(ignore)
+        for candidate in candidates(rnet, macs):
+            size = candidate.max_rank + 1
+            keeps = allowed_keeps(size, lbound, round_to)
+            if candidate.name in ignored or len(keeps) < 2:
+                continue
+            module = rnet.module_of(rnet.node(candidate.name))
+            self.units.append(Unit(candidate.name, size, keeps, layer_features(module, size), candidate))
+        if not self.units:
+            raise CompressionError("the network has no decomposable layer to search over (no Linear or convolution "
+                                   "that a low rank makes cheaper, or all ignored or too small for round_to)")
+        self.positions = [positions[unit.name] for unit in self.units]
+
+    def ranks(self, keeps: Sequence[int]) -> dict[str, int]:
+        """Rank per group of every layer the policy decomposes (layers kept whole are left out)."""
+        if len(keeps) != len(self.units):
+            raise CompressionError(f"expected {len(self.units)} kept ranks, got {len(keeps)}")
+        for unit, keep in zip(self.units, keeps):
+            if not 1 <= int(keep) <= unit.size:
+                raise CompressionError(f"unit {unit.name} takes ranks 1 to {unit.size - 1} ({unit.size}: whole); "
+                                       f"got {keep}")
+        return {unit.name: int(keep) for unit, keep in zip(self.units, keeps) if keep < unit.size}
+
+    def compress(self, keeps: Sequence[int]):
+        from compressors.low_rank import LowRankDecomposition
+
+        ranks = self.ranks(keeps)
+        if not ranks:
+            return copy.deepcopy(self.rnet)
+        # the weight SVD reads no data; the compressor base still wants a batch: the captured example serves
+        batches = self.trainloader or [(torch.ones(self.rnet.graph_nodes[0].meta["out"]),)]
+        return LowRankDecomposition(self.rnet, batches, ranks=ranks, method=self.method, recalibrate_bn=False,
+                                    device=self.device).compress()
+
+    def macs_model(self) -> CostModel:
+        return RankMacsModel(self.rnet, self.units)
+
+    def first_changed(self, keeps: Sequence[int]) -> int:
+        ranks = self.ranks(keeps)
+        return min((position for position, unit in zip(self.positions, self.units) if unit.name in ranks),
+                   default=len(self.rnet.graph_nodes))
+
+    def unchanged_until(self, keeps: Sequence[int]) -> int:
+        return self.first_changed(keeps)
+
+
+@registers_action("low-rank-weight")
+class WeightLowRankAction(LowRankAction):
+    """:class:`LowRankAction` with factors from the truncated SVD of the weights (no calibration pass)."""
+
+    method = "weight"

@@ -125,3 +125,23 @@ class MacsModel(CostModel):
 
     def node_costs(self, keeps: np.ndarray) -> np.ndarray:
         return np.round(self._monomials(keeps) @ self.coefficients)
+
+
+class RankMacsModel(CostModel):
+    """Multiply-adds of a network whose decomposable layers (one unit each, ``unit.key`` a
+    :class:`compressors.low_rank_layers.Candidate`) are either kept whole (kept count = the unit's size) or split at
+    rank r per group, which costs ``r * macs_per_rank``; every other node is fixed. Exact to rounding: a rank-r
+    split of a layer with ``g`` groups, ``n`` outputs and fan-in ``f`` per group runs ``r * HW * (g f + n)``
+    multiply-adds."""
+
+    unit_name = "MACs"
+
+    def __init__(self, rnet, units: list[Unit]):
+        base = np.array([unit.key.macs for unit in units], dtype=np.float64)
+        total = count_flops(rnet).total_macs
+        super().__init__(units, [unit.key.name for unit in units], base, np.eye(len(units), dtype=bool),
+                         total - base.sum())
+        self.per_rank = np.array([unit.key.macs_per_rank for unit in units], dtype=np.float64)
+
+    def node_costs(self, keeps: np.ndarray) -> np.ndarray:
+        return np.where(keeps >= self.sizes, self.base, np.round(keeps * self.per_rank))

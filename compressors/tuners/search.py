@@ -25,9 +25,9 @@ from graph.flops import count_flops
 from graph.network import ReconstructedNetwork
 from graph.serialization.atomic import atomic_path
 
-from .actions import action_class
+from .actions import ChannelAction, action_class
 from .budget import ActionWall
-from .cost import CostModel, MacsModel
+from .cost import CostModel
 from .env import Episode, PolicyScorer
 from .evaluation import PolicyEvaluator, first_batches
 from .rewards import reward_function
@@ -93,7 +93,7 @@ class SearchTuner:
     ``trainloader``: calibration data (BatchNorm re-estimation, data-driven compressors); ``valloader``: the
     held-out split of the *training* data the reward is measured on (``heldout_images`` of it) — never the test
     set. ``flops_target``: the fraction of the original MACs to keep; or ``latency_target``: the fraction of the
-    measured CPU latency (:mod:`compressors.tuners.latency`). ``compressor``: a name (``"l2"``,
+    measured CPU latency (:mod:`compressors.tuners.latency`). ``compressor``: a name (``"l2"``, ``"taylor"``,
     ``"channel-pruning"``, see :data:`compressors.tuners.actions.ACTIONS`), a compressor class or an adapter class.
     ``episodes``: policies to try. ``checkpointfolder``: where the resumable state, tensorboardX curves and the
     result go. ``round_to``: channel counts kept at multiples of it; ``lbound``: the lowest preserve ratio;
@@ -140,11 +140,12 @@ class SearchTuner:
         if self.device is not None:
             self.rnet.to(self.device)
         self.rnet.eval()
-        calibration = [inputs for inputs, _ in first_batches(trainloader, max(calibration_images, 1), self.device,
-                                                             labelled=False)]
-        self.action = action_class(compressor)(self.rnet, [(inputs,) for inputs in calibration], lbound=lbound,
-                                               round_to=round_to, ignore=self.ignore, device=self.device,
-                                               evaluation=evaluation)
+        adapter = action_class(compressor)
+        batches = first_batches(trainloader, max(calibration_images, 1), self.device, labelled=adapter.needs_labels)
+        calibration = [inputs for inputs, _ in batches]
+        self.action = adapter(self.rnet, [batch if adapter.needs_labels else batch[:1] for batch in batches],
+                              lbound=lbound, round_to=round_to, ignore=self.ignore, device=self.device,
+                              evaluation=evaluation)
         self.units = self.action.units
         self.model = self._cost_model()
         self.wall = ActionWall(self.model, self.target * self.model.full)
@@ -164,7 +165,10 @@ class SearchTuner:
     # ------------------------------------------------------------------ setup
     def _cost_model(self) -> CostModel:
         if self.budget_kind == "macs":
-            return MacsModel(self.rnet, self.units, self.action.skeleton)
+            return self.action.macs_model()
+        if not isinstance(self.action, ChannelAction):
+            raise CompressionError(f"a latency budget is measured per channel count; the {self.compressor!r} "
+                                   "action changes ranks: give it a flops_target")
         from .latency import LatencyModel
 
         return LatencyModel(self.rnet, self.units, backend=self.latency_backend,
