@@ -6,7 +6,9 @@ averaged over examples (or smoothed across minibatches with a moving average). I
 the channel's *consumers* read (the input of the next conv or linear layer, after its ReLU), and summed over every
 such activation of a dependency group, so residual streams, concatenations and UNet skips need no index lists.
 Scores are L2-normalised per group; an optional FLOPs regulariser lowers each channel's score by its share of the
-network's MACs times ``flops_regularization`` (Molchanov 2017, eq. 7), so costly channels go first.
+network's MACs times ``flops_regularization`` (Molchanov 2017, eq. 7), so costly channels go first; a latency
+regulariser does the same with its share of the measured CPU time (:mod:`compressors.node_latency`), which also
+counts the memory-bound ops MACs do not see.
 
 :class:`TaylorImportance` is an ``importance=`` callable for :func:`graph.pruning.prune` too.
 :class:`TaylorPruning` is the iterative loop: rank, prune to the next MACs step, fine-tune a few steps, repeat.
@@ -32,6 +34,7 @@ from graph.pruning import dependency_graph, multiply_adds, prune_channels
 
 from .base import CompressionError, Compressor, batch_inputs, check_ratio, to_device
 from .budget import plan_to_macs
+from .node_latency import node_times, time_share_per_channel
 
 LossFunction = Callable[[Any, Any], torch.Tensor]
 
@@ -42,22 +45,47 @@ def _select(value: Any, path: tuple) -> Any:
     return value
 
 
+NORMALIZATIONS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
+    "l2": lambda s: s / (np.linalg.norm(s) or 1.0),
+    "rms": lambda s: s / (np.sqrt(np.mean(np.square(s))) or 1.0),
+}
+"""Per-group score normalisations: ``"l2"`` (Molchanov 2017: unit L2 norm per layer, so a wide group's channels
+score lower on average and wide groups are pruned harder) and ``"rms"`` (unit root-mean-square per group: the same
+relative scores with no bias for the group's width)."""
+
+
+def check_ranking_options(normalize: Any, flops_regularization: Any, latency_regularization: Any) -> None:
+    """:class:`CompressionError` unless ``normalize`` is a key of :data:`NORMALIZATIONS` (or None) and both
+    regularisation weights are non-negative numbers."""
+    if normalize not in NORMALIZATIONS and normalize not in (None, False):
+        raise CompressionError(f"normalize must be one of {sorted(NORMALIZATIONS)} or None, got {normalize!r}")
+    for name, value in (("flops_regularization", flops_regularization),
+                        ("latency_regularization", latency_regularization)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+            raise CompressionError(f"{name} must be a non-negative number, got {value!r}")
+
+
 class TaylorImportance:
     """Channel importance ``|activation x gradient|`` per group, from ``batches`` of ``(inputs, targets, ...)``.
 
     Call it as ``importance(rnet, group)`` (the ``importance=`` protocol of :mod:`graph.importance`) or get every
     group at once with :meth:`scores`. ``loss_fn(outputs, targets)`` defaults to cross-entropy.
     ``moving_average`` (a β in (0, 1)) smooths per-minibatch scores as ``s = β s + (1 - β) s_batch`` instead of
-    averaging them. Results are cached per network.
+    averaging them. ``latency_regularization`` subtracts that weight times each channel's share of the CPU time of
+    one forward on ``latency_inputs`` (a tuple of inputs at the deployment size; default: the captured example at
+    batch 1). Results are cached per network.
     """
 
     def __init__(self, batches: Iterable[Any], loss_fn: LossFunction | None = None,
                  moving_average: float | None = None, flops_regularization: float = 0.0,
-                 normalize: bool = True, device: torch.device | str | None = None):
+                 normalize: str | None = "l2", device: torch.device | str | None = None,
+                 latency_regularization: float = 0.0, latency_inputs: tuple[Any, ...] | None = None):
         if moving_average is not None and not 0 < moving_average < 1:
             raise CompressionError(f"moving_average must be in (0, 1), got {moving_average}")
+        check_ranking_options(normalize, flops_regularization, latency_regularization)
         self.batches, self.loss_fn = batches, loss_fn or F.cross_entropy
         self.moving_average, self.flops_regularization = moving_average, flops_regularization
+        self.latency_regularization, self.latency_inputs = latency_regularization, latency_inputs
         self.normalize, self.device = normalize, device
         self._cache: "weakref.WeakKeyDictionary[nn.Module, dict[int, np.ndarray]]" = weakref.WeakKeyDictionary()
 
@@ -70,10 +98,18 @@ class TaylorImportance:
             raw = self.raw_scores(rnet)
             groups = {g.id: g for g in dependency_graph(rnet).groups}
             if self.normalize:
-                raw = {gid: s / (np.linalg.norm(s) or 1.0) for gid, s in raw.items()}
+                raw = {gid: NORMALIZATIONS[self.normalize](s) for gid, s in raw.items()}
             if self.flops_regularization:
                 shares = macs_share_per_channel(rnet, [groups[gid] for gid in raw])
                 raw = {gid: s - self.flops_regularization * shares[gid] for gid, s in raw.items()}
+            if self.latency_regularization:
+                inputs = self.latency_inputs
+                if inputs is None:
+                    arguments, _ = rnet.example_inputs()
+                    inputs = tuple(a[:1] if isinstance(a, torch.Tensor) else a for a in arguments)
+                times = node_times(rnet, to_device(tuple(inputs), self.device))
+                shares = time_share_per_channel(rnet, [groups[gid] for gid in raw], times)
+                raw = {gid: s - self.latency_regularization * shares[gid] for gid, s in raw.items()}
             self._cache[rnet] = raw
         return self._cache[rnet]
 
@@ -191,7 +227,8 @@ class TaylorPruning(Compressor):
     Each round ranks every prunable channel globally by :class:`TaylorImportance` on ``taylor_batches`` training
     batches, prunes the lowest-ranked channels until the round's MACs target is met (targets fall linearly from
     the original MACs to ``flops_target`` of them; kept counts rounded to ``round_to``), then fine-tunes
-    ``finetune_steps`` optimiser steps with :func:`trainers.finetune`. Each round's MACs and validation accuracy are
+    ``finetune_steps`` optimiser steps with :func:`trainers.finetune`. ``flops_regularization`` and
+    ``latency_regularization`` (with ``latency_inputs`` at the deployment size) are :class:`TaylorImportance`'s. Each round's MACs and validation accuracy are
     logged (``history``, the JSON log, and a tensorboardX curve of accuracy against MACs in
     ``checkpointfolder/tensorboard``).
     """
@@ -201,7 +238,8 @@ class TaylorPruning(Compressor):
     def __init__(self, origin_net: nn.Module, trainloader=None, valloader=None, flops_target: float = 0.5,
                  round_to: int | None = None, steps: int = 5, finetune_steps: int = 50, lr: float = 0.01,
                  taylor_batches: int = 8, moving_average: float | None = None, flops_regularization: float = 0.0,
-                 loss_fn: LossFunction | None = None, **kwargs: Any):
+                 loss_fn: LossFunction | None = None, latency_regularization: float = 0.0,
+                 latency_inputs: tuple[Any, ...] | None = None, normalize: str | None = "l2", **kwargs: Any):
         super().__init__(origin_net, trainloader, valloader, **kwargs)
         if round_to is not None and (isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1):
             raise CompressionError(f"round_to must be a positive integer, got {round_to!r}")
@@ -210,10 +248,12 @@ class TaylorPruning(Compressor):
                 raise CompressionError(f"{name} must be a positive integer, got {value!r}")
         if isinstance(finetune_steps, bool) or not isinstance(finetune_steps, int) or finetune_steps < 0:
             raise CompressionError(f"finetune_steps must be a non-negative integer, got {finetune_steps!r}")
+        check_ranking_options(normalize, flops_regularization, latency_regularization)
         self.flops_target, self.round_to, self.steps = check_ratio("flops_target", flops_target), round_to, steps
         self.finetune_steps, self.lr, self.taylor_batches = finetune_steps, lr, taylor_batches
         self.moving_average, self.flops_regularization = moving_average, flops_regularization
-        self.loss_fn = loss_fn
+        self.latency_regularization, self.latency_inputs = latency_regularization, latency_inputs
+        self.loss_fn, self.normalize = loss_fn, normalize
         self.history: list[dict[str, Any]] = []
 
     def importance_batches(self) -> list[Any]:
@@ -236,7 +276,9 @@ class TaylorPruning(Compressor):
         for step in trange(1, self.steps + 1, desc="Taylor pruning", disable=not self.verbose):
             target = original * (1 - (1 - self.flops_target) * step / self.steps)
             importance = TaylorImportance(self.importance_batches(), self.loss_fn, self.moving_average,
-                                          self.flops_regularization, device=self.device)
+                                          self.flops_regularization, device=self.device,
+                                          latency_regularization=self.latency_regularization,
+                                          latency_inputs=self.latency_inputs, normalize=self.normalize)
             scores = importance.scores(network)
             groups = {g.id: g for g in network.channel_groups()}
             ranked = {groups[gid]: s for gid, s in scores.items() if not groups[gid].explicit_only}

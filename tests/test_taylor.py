@@ -70,6 +70,18 @@ def test_taylor_importance_averages_batches_and_normalises_per_group():
     np.testing.assert_allclose(raw, smoothed, rtol=1e-5)
 
 
+def test_rms_normalisation_gives_every_group_unit_root_mean_square_whatever_its_width():
+    torch.manual_seed(1)
+    model = TwoConvs().eval()
+    x, y = torch.randn(4, 2, 5, 5), torch.randint(0, 5, (4,))
+    rnet = capture(model, x)
+    raw = TaylorImportance([(x, y)], normalize=None).scores(rnet)
+    rms = TaylorImportance([(x, y)], normalize="rms").scores(rnet)
+    for gid, scores in raw.items():
+        np.testing.assert_allclose(rms[gid], scores / np.sqrt(np.mean(scores ** 2)), rtol=1e-6)
+        assert np.sqrt(np.mean(rms[gid] ** 2)) == pytest.approx(1.0)
+
+
 def test_flops_regulariser_lowers_scores_by_each_channels_macs_share():
     torch.manual_seed(2)
     model = TwoConvs().eval()
@@ -141,6 +153,8 @@ def test_taylor_pruning_reaches_the_macs_target_on_a_unet_with_skip_concats():
     (dict(round_to=0), "round_to"),
     (dict(steps=0), "steps"),
     (dict(finetune_steps=-1), "finetune_steps"),
+    (dict(normalize="max"), "normalize"),
+    (dict(latency_regularization=-1.0), "latency_regularization"),
 ])
 def test_taylor_pruning_rejects_bad_arguments(options, message):
     loader = _loader(torch.randn(8, 1, 8, 8), torch.randint(0, 10, (8,)))
