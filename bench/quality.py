@@ -114,14 +114,17 @@ def _torch_pruning(importance: str) -> Method:
     return run
 
 
-def _taylor(origin: ReconstructedNetwork, model: nn.Module, data: DataSplits, target: float,
+def _taylor(normalize: str | None) -> Method:
+    """Our TaylorPruning with per-group ``normalize``: ``--taylor-rounds`` rounds of global Taylor ranking to the
+    MACs target, without fine-tuning between rounds (every method gets the same fine-tuning afterwards)."""
+    def run(origin: ReconstructedNetwork, model: nn.Module, data: DataSplits, target: float,
             args: argparse.Namespace) -> nn.Module:
-    """Our TaylorPruning: ``--taylor-rounds`` rounds of global Taylor ranking to the MACs target, without fine-tuning
-    between rounds (every method gets the same fine-tuning afterwards)."""
-    from compressors import TaylorPruning
+        from compressors import TaylorPruning
 
-    return TaylorPruning(origin, data.train, flops_target=target, steps=args.taylor_rounds, finetune_steps=0,
-                         taylor_batches=args.taylor_batches).compress()
+        return TaylorPruning(origin, data.train, flops_target=target, steps=args.taylor_rounds, finetune_steps=0,
+                             taylor_batches=args.taylor_batches, normalize=normalize).compress()
+
+    return run
 
 
 METHODS: dict[str, Method] = {
@@ -132,7 +135,9 @@ METHODS: dict[str, Method] = {
     "our L1": _weight_norm("l1", recalibrate=False),
     "our L1 + BN recalibration": _weight_norm("l1", recalibrate=True),
     "random": _weight_norm("random", recalibrate=False),
-    "Taylor (ours)": _taylor,
+    "Taylor (ours)": _taylor(None),
+    "Taylor (ours, L2-normalised)": _taylor("l2"),
+    "Taylor (ours, RMS-normalised)": _taylor("rms"),
     "Torch-Pruning 1.6 magnitude": _torch_pruning("magnitude"),
     "Torch-Pruning 1.6 Taylor": _torch_pruning("taylor"),
 }

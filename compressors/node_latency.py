@@ -21,16 +21,18 @@ from graph.network import ReconstructedNetwork
 from graph.pruning import dependency_graph
 
 
-def node_times(rnet: ReconstructedNetwork, inputs: tuple[Any, ...], repeats: int = 5) -> np.ndarray:
-    """Median seconds each node of ``rnet`` takes in an eager replay on ``inputs`` (eval mode, no grad; one warm-up
-    run, then ``repeats`` timed ones). Nodes that do not run in eval mode take 0."""
+def node_times(rnet: ReconstructedNetwork, inputs: tuple[Any, ...], keywords: dict[str, Any] | None = None,
+               repeats: int = 5) -> np.ndarray:
+    """Median seconds each node of ``rnet`` takes in an eager replay on ``inputs`` and ``keywords`` (eval mode, no
+    grad; one warm-up run, then ``repeats`` timed ones). Nodes that do not run in eval mode take 0."""
+    keywords = keywords or {}
     times = np.zeros((repeats, len(rnet.graph_nodes)))
     index_of = {id(node): i for i, node in enumerate(rnet.graph_nodes)}
     was_training = rnet.training
     rnet.eval()
     try:
         with torch.no_grad():
-            rnet(*inputs)
+            rnet(*inputs, **keywords)
             for run in range(repeats):
                 last = [time.perf_counter()]
 
@@ -39,7 +41,7 @@ def node_times(rnet: ReconstructedNetwork, inputs: tuple[Any, ...], repeats: int
                     row[index_of[id(node)]] += now - last[0]
                     last[0] = now
 
-                rnet.observe(observer, *inputs)
+                rnet.observe(observer, *inputs, **keywords)
     finally:
         rnet.train(was_training)
     return np.median(times, axis=0)

@@ -5,7 +5,10 @@ The importance of a channel is the first-order Taylor estimate of the loss chang
 averaged over examples (or smoothed across minibatches with a moving average). It is measured on the activations
 the channel's *consumers* read (the input of the next conv or linear layer, after its ReLU), and summed over every
 such activation of a dependency group, so residual streams, concatenations and UNet skips need no index lists.
-Scores are L2-normalised per group; an optional FLOPs regulariser lowers each channel's score by its share of the
+Scores are ranked globally as they are (Molchanov 2019), or normalised per group (``normalize="l2"``, Molchanov
+2017, or ``"rms"``): after the same fine-tuning the raw scores kept the most accuracy in ``bench/quality.py``, and
+L2 normalisation the least, because it lowers the scores of wide groups and so prunes them hardest. An optional
+FLOPs regulariser lowers each channel's score by its share of the
 network's MACs times ``flops_regularization`` (Molchanov 2017, eq. 7), so costly channels go first; a latency
 regulariser does the same with its share of the measured CPU time (:mod:`compressors.node_latency`), which also
 counts the memory-bound ops MACs do not see.
@@ -37,6 +40,17 @@ from .budget import plan_to_macs
 from .node_latency import node_times, time_share_per_channel
 
 LossFunction = Callable[[Any, Any], torch.Tensor]
+
+
+def _first_example(value: Any) -> Any:
+    """``value`` (nested tuples and dicts of tensors) with every tensor cut to its first example."""
+    if isinstance(value, torch.Tensor):
+        return value[:1]
+    if isinstance(value, tuple):
+        return tuple(_first_example(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _first_example(v) for k, v in value.items()}
+    return value
 
 
 def _select(value: Any, path: tuple) -> Any:
@@ -71,14 +85,16 @@ class TaylorImportance:
     Call it as ``importance(rnet, group)`` (the ``importance=`` protocol of :mod:`graph.importance`) or get every
     group at once with :meth:`scores`. ``loss_fn(outputs, targets)`` defaults to cross-entropy.
     ``moving_average`` (a β in (0, 1)) smooths per-minibatch scores as ``s = β s + (1 - β) s_batch`` instead of
-    averaging them. ``latency_regularization`` subtracts that weight times each channel's share of the CPU time of
-    one forward on ``latency_inputs`` (a tuple of inputs at the deployment size; default: the captured example at
-    batch 1). Results are cached per network.
+    averaging them. ``normalize``: None (raw scores), ``"l2"`` or ``"rms"`` per group (:data:`NORMALIZATIONS`).
+    ``flops_regularization`` and ``latency_regularization`` subtract their weight times each channel's share of the
+    network's MACs, and of the CPU time of one forward on ``latency_inputs`` (a tuple of inputs at the deployment
+    size; default: the captured example at batch 1), from its share of the network's importance (so a weight of 1
+    weighs the two alike). Results are cached per network.
     """
 
     def __init__(self, batches: Iterable[Any], loss_fn: LossFunction | None = None,
                  moving_average: float | None = None, flops_regularization: float = 0.0,
-                 normalize: str | None = "l2", device: torch.device | str | None = None,
+                 normalize: str | None = None, device: torch.device | str | None = None,
                  latency_regularization: float = 0.0, latency_inputs: tuple[Any, ...] | None = None):
         if moving_average is not None and not 0 < moving_average < 1:
             raise CompressionError(f"moving_average must be in (0, 1), got {moving_average}")
@@ -93,21 +109,27 @@ class TaylorImportance:
         return self.scores(rnet)[group.id]
 
     def scores(self, rnet: ReconstructedNetwork) -> dict[int, np.ndarray]:
-        """Normalised (and, with a FLOPs weight, regularised) scores of every prunable group, by group id."""
+        """Scores of every prunable group, by group id: normalised per group as asked; with a regulariser, divided
+        by their sum over the network (so a channel's score and its cost are both shares of one) and lowered by the
+        weighted cost shares."""
         if rnet not in self._cache:
             raw = self.raw_scores(rnet)
             groups = {g.id: g for g in dependency_graph(rnet).groups}
             if self.normalize:
                 raw = {gid: NORMALIZATIONS[self.normalize](s) for gid, s in raw.items()}
+            if self.flops_regularization or self.latency_regularization:
+                total = sum(float(s.sum()) for s in raw.values()) or 1.0
+                raw = {gid: s / total for gid, s in raw.items()}
             if self.flops_regularization:
                 shares = macs_share_per_channel(rnet, [groups[gid] for gid in raw])
                 raw = {gid: s - self.flops_regularization * shares[gid] for gid, s in raw.items()}
             if self.latency_regularization:
-                inputs = self.latency_inputs
-                if inputs is None:
-                    arguments, _ = rnet.example_inputs()
-                    inputs = tuple(a[:1] if isinstance(a, torch.Tensor) else a for a in arguments)
-                times = node_times(rnet, to_device(tuple(inputs), self.device))
+                arguments, keywords = rnet.example_inputs()
+                if self.latency_inputs is not None:
+                    arguments, keywords = tuple(self.latency_inputs), {}
+                else:
+                    arguments, keywords = _first_example((arguments, keywords))
+                times = node_times(rnet, to_device(arguments, self.device), to_device(keywords, self.device))
                 shares = time_share_per_channel(rnet, [groups[gid] for gid in raw], times)
                 raw = {gid: s - self.latency_regularization * shares[gid] for gid, s in raw.items()}
             self._cache[rnet] = raw
@@ -227,10 +249,10 @@ class TaylorPruning(Compressor):
     Each round ranks every prunable channel globally by :class:`TaylorImportance` on ``taylor_batches`` training
     batches, prunes the lowest-ranked channels until the round's MACs target is met (targets fall linearly from
     the original MACs to ``flops_target`` of them; kept counts rounded to ``round_to``), then fine-tunes
-    ``finetune_steps`` optimiser steps with :func:`trainers.finetune`. ``flops_regularization`` and
-    ``latency_regularization`` (with ``latency_inputs`` at the deployment size) are :class:`TaylorImportance`'s. Each round's MACs and validation accuracy are
-    logged (``history``, the JSON log, and a tensorboardX curve of accuracy against MACs in
-    ``checkpointfolder/tensorboard``).
+    ``finetune_steps`` optimiser steps with :func:`trainers.finetune`. ``normalize``, ``flops_regularization``
+    and ``latency_regularization`` (with ``latency_inputs`` at the deployment size) are :class:`TaylorImportance`'s.
+    Each round's MACs and validation accuracy are logged (``history``, the JSON log, and a tensorboardX curve of
+    accuracy against MACs in ``checkpointfolder/tensorboard``).
     """
 
     name = "taylor"
@@ -239,7 +261,7 @@ class TaylorPruning(Compressor):
                  round_to: int | None = None, steps: int = 5, finetune_steps: int = 50, lr: float = 0.01,
                  taylor_batches: int = 8, moving_average: float | None = None, flops_regularization: float = 0.0,
                  loss_fn: LossFunction | None = None, latency_regularization: float = 0.0,
-                 latency_inputs: tuple[Any, ...] | None = None, normalize: str | None = "l2", **kwargs: Any):
+                 latency_inputs: tuple[Any, ...] | None = None, normalize: str | None = None, **kwargs: Any):
         super().__init__(origin_net, trainloader, valloader, **kwargs)
         if round_to is not None and (isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1):
             raise CompressionError(f"round_to must be a positive integer, got {round_to!r}")
