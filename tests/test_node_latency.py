@@ -48,18 +48,19 @@ def test_time_share_is_larger_for_channels_at_higher_resolution():
 
         def forward(self, x):
             big = F.relu(self.wide(x))
-            small = F.relu(self.narrow(F.avg_pool2d(x, 8)))
-            return self.head(torch.cat([F.avg_pool2d(big, 8), small], dim=1))
+            small = F.relu(self.narrow(F.avg_pool2d(x, 16)))
+            return self.head(torch.cat([F.avg_pool2d(big, 16), small], dim=1))
 
     torch.manual_seed(0)
     rnet = capture(TwoResolutions().eval(), torch.randn(1, 3, 128, 128))
-    times = node_times(rnet, (torch.randn(1, 3, 128, 128),), repeats=5)
+    times = node_times(rnet, (torch.randn(1, 3, 128, 128),), repeats=7)
     assert times.shape == (len(rnet.graph_nodes),) and (times >= 0).all() and times.sum() > 0
     groups = [g for g in rnet.channel_groups() if g.prunable]
     shares = time_share_per_channel(rnet, groups, times)
     by_node = {g.nodes[0]: shares[g.id].mean() for g in groups}
-    # 64x more positions: the wide branch's channels cost far more time than the narrow one's
-    assert by_node["wide"] > 4 * by_node["narrow"]
+    # 256x more positions: the wide branch's channels cost far more time than the narrow one's (a wide margin for
+    # timing noise: on a loaded machine the ratio fell to about 4 with 64x)
+    assert by_node["wide"] > 2 * by_node["narrow"]
 
 
 def test_taylor_pruning_with_latency_regularisation_prunes_the_time_heavy_channels_first(monkeypatch):
