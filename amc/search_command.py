@@ -33,8 +33,9 @@ def register(commands: argparse._SubParsersAction) -> None:
                     "network at the best policy -> optional fine-tuning -> report -> save.")
     add_network_arguments(parser)
     parser.add_argument("--tuner", default="ddpg", choices=sorted(TUNERS), help="search agent")
-    parser.add_argument("--compressor", default="l2", choices=sorted(ACTIONS), help="the action: how a group "
-                                                                                    "is compressed")
+    parser.add_argument("--compressor", default="l2", choices=sorted(ACTIONS),
+                        help="the action: how each unit is compressed (channel groups by L2, Taylor or LASSO/LS; "
+                             "layers' ranks by low-rank)")
     target = parser.add_mutually_exclusive_group()
     target.add_argument("--flops-target", type=_fraction, default=0.5, help="fraction of the MACs to keep")
     target.add_argument("--latency-target", type=_fraction, help="fraction of the measured CPU latency to keep")
