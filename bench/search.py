@@ -4,7 +4,8 @@ search with the same number of evaluations, and a one-shot sensitivity allocator
 ResNet-20 and the MobileNet-V2-style network of ``amc/models.py`` are trained briefly on Fashion-MNIST (28x28,
 ``--train-steps`` SGD steps through ``trainers.finetune``; cached in ``--cache``), then compressed to each
 ``--targets`` fraction of their MACs with each ``--compressors`` action (``l2``: L2-norm channel pruning;
-``channel-pruning``: LASSO selection + least-squares refit). Every method gets the same ``--episodes`` policy
+``taylor``: channels ranked by Taylor importance; ``channel-pruning``: LASSO selection + least-squares refit;
+``low-rank`` / ``low-rank-weight``: per-layer ranks, data-driven or weight SVD). Every method gets the same ``--episodes`` policy
 evaluations (the sensitivity allocator uses what its table needs), rewards on ``--heldout`` images of the held-out
 split of the *training* data, BatchNorm re-estimation on ``--calibration`` training images. Reported per row: MACs
 counted on the compressed network, held-out (reward images) and test accuracy (first ``--test-limit`` test images)
