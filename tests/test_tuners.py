@@ -384,6 +384,8 @@ def test_low_rank_search_meets_the_budget_and_its_fast_reward_equals_a_full_eval
     assert top1_accuracy(result.compressed_net, heldout) == pytest.approx(result.accuracy, abs=1e-9)
     with pytest.raises(CompressionError, match="flops_target"):
         GATuner(model, data.train, data.val, compressor="low-rank-weight", latency_target=0.5, episodes=1)
+    with pytest.raises(CompressionError, match="not a node"):
+        GATuner(model, data.train, data.val, compressor="low-rank-weight", ignore=["no_such_layer"], episodes=1)
 
 
 def test_onnxruntime_latency_timer_times_a_layer():

@@ -219,7 +219,7 @@ class TaylorChannelAction(L2ChannelAction):
 
         if not self.trainloader:
             raise CompressionError("the taylor action needs labelled calibration batches (a trainloader)")
-        scores = TaylorImportance(self.trainloader, normalize=False, device=self.device).scores(self.rnet)
+        scores = TaylorImportance(self.trainloader, device=self.device).scores(self.rnet)
         return [scores[unit.key.id] for unit in self.units]
 
 
@@ -276,6 +276,9 @@ class LowRankAction(ActionAdapter):
         macs = {row.name: row.macs or 0 for row in count_flops(rnet).rows}
         positions = {node.name: index for index, node in enumerate(rnet.graph_nodes)}
         ignored = set(ignore)
+        unknown = sorted(ignored - set(positions))
+        if unknown:
+            raise CompressionError(f"ignore names {unknown[0]!r}, which is not a node of this network")
         for candidate in candidates(rnet, macs):
             size = candidate.max_rank + 1
             keeps = allowed_keeps(size, lbound, round_to)
