@@ -54,11 +54,7 @@ def time_share_per_channel(rnet: ReconstructedNetwork, groups: list[ChannelGroup
     largest such split over the node's values (an activation counts once, a convolution once for its input and
     once for its output channels)."""
     graph = dependency_graph(rnet)
-    size = int(graph.component.max()) + 1 if graph.component.size else 0
-    channel_of, group_of = np.full(size, -1, dtype=np.int64), np.full(size, -1, dtype=np.int64)
-    for index, group in enumerate(groups):
-        channel_of[group.components] = np.arange(group.size)
-        group_of[group.components] = index
+    group_of, channel_of = graph.channel_index(groups)
     outputs: dict[int, list] = {}
     for (index, _), labeling in graph.values.items():
         outputs.setdefault(index, []).append(labeling)

@@ -140,11 +140,7 @@ class TaylorImportance:
         activations; one entry per prunable group."""
         graph = dependency_graph(rnet)
         groups = [g for g in graph.groups if g.prunable]
-        channel_of = np.full(int(graph.component.max()) + 1 if graph.component.size else 0, -1, dtype=np.int64)
-        group_of = np.full_like(channel_of, -1)
-        for index, group in enumerate(groups):
-            channel_of[group.components] = np.arange(group.size)
-            group_of[group.components] = index
+        group_of, channel_of = graph.channel_index(groups)
         watched = _consumed_values(rnet, graph, group_of)
         index_of = {id(node): i for i, node in enumerate(rnet.graph_nodes)}
         totals = [np.zeros(g.size) for g in groups]

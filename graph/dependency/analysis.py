@@ -90,6 +90,16 @@ class DependencyGraph:
         self._block_constant_dims()
         self.groups = self._make_groups()
 
+    def channel_index(self, groups: list[ChannelGroup]) -> tuple[np.ndarray, np.ndarray]:
+        """Two arrays over the components of :attr:`component`: the index in ``groups`` of the group each belongs to
+        (-1 outside them) and its channel within that group; index them with ``component[ids]``."""
+        size = int(self.component.max()) + 1 if self.component.size else 0
+        group_of, channel_of = np.full(size, -1, dtype=np.int64), np.full(size, -1, dtype=np.int64)
+        for index, group in enumerate(groups):
+            group_of[group.components] = index
+            channel_of[group.components] = np.arange(group.size)
+        return group_of, channel_of
+
     def shape_of(self, ref: Ref) -> Any:
         """Captured shape of the value ``ref`` points to."""
         shape = self.rnet.graph_nodes[ref.index].meta.get("out")
