@@ -169,6 +169,13 @@ def trained(name: str, data: DataSplits, args: argparse.Namespace) -> nn.Module:
     return model.eval()
 
 
+def _same_finetuning_order(args: argparse.Namespace) -> None:
+    """Reset the fine-tuning loader's shuffle and the global RNG, so every method is fine-tuned on the same batches
+    in the same order, whatever the methods before it drew."""
+    args.finetune_loader.generator.manual_seed(0)
+    torch.manual_seed(0)
+
+
 def evaluate_method(method: str, origin: ReconstructedNetwork, model: nn.Module, data: DataSplits, speedup: float,
                     args: argparse.Namespace) -> dict[str, Any]:
     """Compress, measure MACs, accuracy, time; fine-tune one epoch and measure again."""
@@ -184,6 +191,7 @@ def evaluate_method(method: str, origin: ReconstructedNetwork, model: nn.Module,
     row = {"method": method, "speedup": speedup, "seconds": seconds, "macs_ratio": macs / multiply_adds(origin),
            "params_ratio": sum(p.numel() for p in network.parameters()) / sum(p.numel() for p in origin.parameters()),
            "top1": top1_accuracy(network, data.test)}
+    _same_finetuning_order(args)
     finetune(network, args.finetune_loader, epochs=args.finetune_epochs, lr=0.01)
     row["top1_finetuned"] = top1_accuracy(network.eval(), data.test)
     print(f"  {method:32s} {speedup:.0f}x  MACs {row['macs_ratio']:.3f}  top-1 {row['top1']:.4f} -> "
@@ -212,6 +220,7 @@ def sparsity_rows(origin: ReconstructedNetwork, data: DataSplits, args: argparse
                 schedule = CubicSchedule(0, max(1, 3 * steps // 4), frequency=max(1, steps // 20))
                 callbacks = [GradualPruning(pruner, network, schedule)]
             row = {"mode": mode, "sparsity": sparsity, "top1": top1_accuracy(network, data.test)}
+            _same_finetuning_order(args)
             finetune(network, args.finetune_loader, epochs=args.finetune_epochs, lr=0.01, callbacks=callbacks)
             row.update(top1_finetuned=top1_accuracy(network.eval(), data.test),
                        measured=sparsity_report(network).sparsity)
@@ -251,7 +260,7 @@ def report(results: dict[str, dict[str, Any]], vgg16: dict[str, Any] | None, arg
              f"(cached in `~/.cache/amc-bench`); test accuracy on {args.test_limit} test images; calibration data "
              f"for the data-driven methods: {args.calibration_ratio:.0%} of the training batches; fine-tuning: "
              f"{args.finetune_epochs} epoch over {args.finetune_limit} training images, SGD (lr 0.01, cosine) on "
-             "labels, the same for every method. "
+             "labels, the same for every method (the same batches in the same order). "
              f"MACs ratios by our counter on the compressed network. Times are wall-clock on a 2-core machine "
              f"shared with other jobs (noisy). Whole run: {total_seconds / 60:.1f} min.", ""]
     for name, result in results.items():
