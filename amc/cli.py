@@ -48,6 +48,28 @@ def check_output_path(path: str | None) -> None:
         raise FileNotFoundError(f"output directory does not exist: {directory}")
 
 
+def check_network_output(path: str | None) -> None:
+    """Fail before any work when ``path`` is given and has no network format (``.pkl``, ``.json``, ``.vnmodel``)
+    or its directory does not exist."""
+    if path is None:
+        return
+    from graph.serialization import writer_for
+
+    writer_for(path)
+    check_output_path(path)
+
+
+def fraction(include_one: bool = False):
+    """An argparse type: a number in (0, 1), or (0, 1] with ``include_one``."""
+    def parse(text: str) -> float:
+        value = float(text)
+        if not (0 < value <= 1 if include_one else 0 < value < 1):
+            raise argparse.ArgumentTypeError(f"must be in (0, 1{']' if include_one else ')'}, got {text}")
+        return value
+
+    return parse
+
+
 def seed_everything(seed: int | None) -> None:
     """Seed Python's, numpy's and torch's generators (``--seed``) so random models and data orders repeat."""
     if seed is None:
@@ -89,11 +111,9 @@ def _group_table(plan: dict, limit: int) -> str:
 def prune_command(args: argparse.Namespace) -> int:
     """Prune a network's channels by ratio or to a MACs target, print before/after and the per-group table, save."""
     from graph.pruning import multiply_adds, plan_by_ratio, plan_for_flops, prune_channels
-    from graph.serialization import save, writer_for
+    from graph.serialization import save
 
-    if args.output:
-        writer_for(args.output)
-        check_output_path(args.output)
+    check_network_output(args.output)
     rnet = load_network(args.model, args.input_size, args.unchecked)
     options = dict(importance=args.importance, round_to=args.round_to, global_ranking=args.global_ranking,
                    ignore=args.ignore)

@@ -72,13 +72,6 @@ def _speedup(text: str) -> float:
     return value
 
 
-def _fraction(text: str) -> float:
-    value = float(text)
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
-    return value
-
-
 def add_network_arguments(parser: argparse.ArgumentParser) -> None:
     """The arguments :func:`original_network` and the data loading read: ``--model``, ``--data``,
     ``--train-epochs``, ``--train-limit``, ``--batch-size`` (shared by ``amc compress`` and ``amc search``)."""
@@ -97,6 +90,8 @@ def add_network_arguments(parser: argparse.ArgumentParser) -> None:
 
 def register(commands: argparse._SubParsersAction) -> None:
     """Add ``amc compress`` to the ``amc`` subcommands."""
+    from amc.cli import fraction
+
     parser = commands.add_parser(
         "compress", help="train or load a network, compress it, fine-tune, print before/after and save",
         description="Capture -> compress -> fine-tune -> report -> save. With no arguments: a small CNN trained "
@@ -107,7 +102,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--finetune-epochs", type=int, default=1, help="fine-tuning epochs after compression")
     parser.add_argument("--no-distill", action="store_true", help="fine-tune on labels only (default: logit "
                                                                    "distillation from the original network)")
-    parser.add_argument("--calibration-ratio", type=_fraction, default=0.25,
+    parser.add_argument("--calibration-ratio", type=fraction(include_one=True), default=0.25,
                         help="fraction of the training batches used as calibration data")
     parser.add_argument("--sampled-pixels", type=int, default=10, help="positions sampled per image and layer")
     parser.add_argument("-o", "--output", metavar="DIR",

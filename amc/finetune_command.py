@@ -57,15 +57,13 @@ def register(commands: argparse._SubParsersAction) -> None:
 
 def finetune_command(args: argparse.Namespace) -> int:
     """Load, check that the network takes the data, fine-tune, print the before/after table, save on rank 0."""
-    from amc.cli import check_output_path
+    from amc.cli import check_network_output
     from compressors.base import top1_accuracy
-    from graph.serialization import save, writer_for
+    from graph.serialization import save
     from trainers.datasets import load_dataset
     from trainers.finetune import finetune
 
-    if args.output:
-        writer_for(args.output)
-        check_output_path(args.output)
+    check_network_output(args.output)
     if args.resume and not args.checkpoints:
         raise ValueError("--resume needs --checkpoints DIR")
     data = load_dataset(args.data, batch_size=args.batch_size, train_limit=args.train_limit)

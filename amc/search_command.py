@@ -14,15 +14,9 @@ from typing import Any
 TUNERS = {"ddpg": "DDPGTuner", "ga": "GATuner", "random": "RandomSearchTuner", "sensitivity": "SensitivityTuner"}
 
 
-def _fraction(text: str) -> float:
-    value = float(text)
-    if not 0 < value < 1:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1), got {text}")
-    return value
-
-
 def register(commands: argparse._SubParsersAction) -> None:
     """Add ``amc search`` to the ``amc`` subcommands."""
+    from amc.cli import fraction
     from amc.compress_command import add_network_arguments
     from compressors.tuners.actions import ACTIONS
     from compressors.tuners.rewards import REWARDS
@@ -37,8 +31,8 @@ def register(commands: argparse._SubParsersAction) -> None:
                         help="the action: how each unit is compressed (channel groups by L2, Taylor or LASSO/LS; "
                              "layers' ranks by low-rank)")
     target = parser.add_mutually_exclusive_group()
-    target.add_argument("--flops-target", type=_fraction, default=0.5, help="fraction of the MACs to keep")
-    target.add_argument("--latency-target", type=_fraction, help="fraction of the measured CPU latency to keep")
+    target.add_argument("--flops-target", type=fraction(), default=0.5, help="fraction of the MACs to keep")
+    target.add_argument("--latency-target", type=fraction(), help="fraction of the measured CPU latency to keep")
     target.add_argument("--accuracy-threshold", type=float,
                         help="accuracy-first: the smallest MACs whose held-out accuracy stays within this of the "
                              "original, by bisection over the budget (a few searches)")
@@ -46,7 +40,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--warmup", type=int, help="DDPG's random warm-up episodes (default: a third)")
     parser.add_argument("--population", type=int, default=10, help="GA population")
     parser.add_argument("--round-to", type=int, help="keep channel counts at multiples of this")
-    parser.add_argument("--lbound", type=_fraction, default=0.2, help="lowest preserve ratio of a group")
+    parser.add_argument("--lbound", type=fraction(), default=0.2, help="lowest preserve ratio of a group")
     parser.add_argument("--reward", default="accuracy", choices=sorted(REWARDS))
     parser.add_argument("--heldout-images", type=int, default=500, help="held-out images per reward")
     parser.add_argument("--calibration-images", type=int, default=256,
@@ -64,16 +58,14 @@ def register(commands: argparse._SubParsersAction) -> None:
 def search_command(args: argparse.Namespace) -> int:
     """Run the search, print the per-group ratios and before/after MACs and accuracy, save when asked."""
     import compressors.tuners as tuners
-    from amc.cli import check_output_path
+    from amc.cli import check_network_output
     from amc.compress_command import original_network
     from compressors.base import top1_accuracy
     from graph.pruning import multiply_adds
-    from graph.serialization import save, writer_for
+    from graph.serialization import save
     from trainers.datasets import load_dataset
 
-    if args.output:
-        writer_for(args.output)
-        check_output_path(args.output)
+    check_network_output(args.output)
     if args.episodes < 1:
         raise ValueError(f"--episodes must be positive, got {args.episodes}")
     data = load_dataset(args.data, batch_size=args.batch_size, train_limit=args.train_limit)
