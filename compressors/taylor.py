@@ -124,11 +124,10 @@ class TaylorImportance:
                 shares = macs_share_per_channel(rnet, [groups[gid] for gid in raw])
                 raw = {gid: s - self.flops_regularization * shares[gid] for gid, s in raw.items()}
             if self.latency_regularization:
-                arguments, keywords = rnet.example_inputs()
                 if self.latency_inputs is not None:
                     arguments, keywords = tuple(self.latency_inputs), {}
                 else:
-                    arguments, keywords = _first_example((arguments, keywords))
+                    arguments, keywords = _first_example(rnet.example_inputs())
                 times = node_times(rnet, to_device(arguments, self.device), to_device(keywords, self.device))
                 shares = time_share_per_channel(rnet, [groups[gid] for gid in raw], times)
                 raw = {gid: s - self.latency_regularization * shares[gid] for gid, s in raw.items()}
